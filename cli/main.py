@@ -1,0 +1,43 @@
+"""`logitcast <verb>`: one console script, each subcommand a small module loaded lazily.
+
+A verb's module is imported only when that verb runs, so `logitcast --help` stays
+fast and a verb's heavy dependencies (transformers, deepspeed, ray) are only
+needed by the verbs that use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+#: verb -> (module under logitcast.cli, one-line help)
+VERBS = {
+    "prepare-teacher": ("prepare_teacher", "convert the embedded SmolLM2 teacher to a fast cache"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="logitcast", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (_, help_text) in VERBS.items():
+        sub.add_parser(verb, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    module = importlib.import_module(f"logitcast.cli.{VERBS[args.verb][0]}")
+    verb_parser = argparse.ArgumentParser(prog=f"logitcast {args.verb}",
+                                          description=VERBS[args.verb][1])
+    module.add_arguments(verb_parser)
+    return int(module.run(verb_parser.parse_args(rest)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
