@@ -20,6 +20,10 @@ test: $(STAMP)
 
 install: $(STAMP)
 
+# Regenerate protos/*_pb2*.py from protos/teacher.proto (checked in; a test fails on drift).
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 

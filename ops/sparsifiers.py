@@ -66,7 +66,7 @@ def sparsify(
             raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
     if labels is not None and bool((labels >= vocab).any()):
         raise ValueError(f"labels must be < vocab size {vocab}, got {int(labels.max())}")
-    _check_spec_vocab(spec, vocab)
+    check_spec_vocab(spec, vocab)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     parts = []
@@ -79,7 +79,7 @@ def sparsify(
     return SparseTargets.cat(parts)
 
 
-def _check_spec_vocab(spec: TargetSpec, vocab: int) -> None:
+def check_spec_vocab(spec: TargetSpec, vocab: int) -> None:
     if spec.method in ("topk", "top_p_k") and spec.k > vocab:
         raise InvalidSpecError(f"k={spec.k} exceeds the vocabulary size {vocab}")
     if spec.method == "head_tail" and spec.k_head > vocab:

@@ -1,0 +1,157 @@
+"""Assemble and run a teacher server: gRPC (aio), health, reflection, auth, TLS, metrics.
+
+`TeacherServer.start(...)` builds everything around one backend and returns a
+running server; `drain()` flips health to NOT_SERVING, lets in-flight streams
+finish, then stops. `logitcast serve` and Ray Serve replicas both use this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from importlib import metadata
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from logitcast.ops import METHODS
+from logitcast.protos import teacher_pb2 as pb
+from logitcast.protos import teacher_pb2_grpc as pb_grpc
+from logitcast.server.backends import TeacherBackend
+from logitcast.server.engine import Engine, EngineConfig
+from logitcast.server.limits import RequestLimits
+from logitcast.server.metrics import TeacherMetrics
+from logitcast.server.service import TeacherServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """PEM bytes of the server's private key and certificate chain."""
+
+    key: bytes
+    cert: bytes
+
+
+class BearerTokenAuth(grpc.aio.ServerInterceptor):
+    """Rejects calls without `authorization: Bearer <token>` (health checks stay open)."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("auth token must not be empty")
+        self._expected = f"Bearer {token}"
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or bad bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return await continuation(details)
+        if dict(details.invocation_metadata or ()).get("authorization") == self._expected:
+            return await continuation(details)
+        return self._deny_stream if details.method.endswith("/Distill") else self._deny
+
+
+class TeacherServer:
+    """A running teacher server. Build with `await TeacherServer.start(...)`."""
+
+    def __init__(self) -> None:
+        raise TypeError("use `await TeacherServer.start(...)`")
+
+    @classmethod
+    async def start(
+        cls,
+        backend: TeacherBackend,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        engine_config: EngineConfig | None = None,
+        limits: RequestLimits | None = None,
+        methods: tuple[str, ...] = METHODS,
+        metrics_port: int | None = None,
+        auth_token: str | None = None,
+        tls: TLSConfig | None = None,
+    ) -> TeacherServer:
+        self = object.__new__(cls)
+        self.limits = limits or RequestLimits()
+        self.metrics = TeacherMetrics()
+        self.engine = Engine(backend, engine_config or EngineConfig(), self.metrics)
+        options = [("grpc.max_receive_message_length", self.limits.max_message_bytes),
+                   ("grpc.max_send_message_length", self.limits.max_message_bytes)]
+        interceptors = [BearerTokenAuth(auth_token)] if auth_token else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
+        try:
+            version = metadata.version("logitcast")
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        pb_grpc.add_TeacherServicer_to_server(
+            TeacherServicer(self.engine, self.limits, methods=methods, version=version), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address = f"{host}:{port}"
+        if tls is not None:
+            creds = grpc.ssl_server_credentials([(tls.key, tls.cert)])
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        self.address = f"{host}:{self.port}"
+        self._http = None
+        self.metrics_port = None
+        if metrics_port is not None:
+            self._http, _ = start_http_server(metrics_port, addr=host, registry=self.metrics.registry)
+            self.metrics_port = self._http.server_port
+        self.engine.start()
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.serving.set(1)
+        logger.info("serving %s on %s (vocab %d, metrics port %s)", backend.teacher_id,
+                    self.address, backend.vocab_size, self.metrics_port)
+        return self
+
+    async def drain(self, grace_s: float = 30.0) -> None:
+        """Health NOT_SERVING, refuse new work (UNAVAILABLE), finish in-flight, stop."""
+        logger.info("draining: health NOT_SERVING, finishing %d in-flight requests",
+                    self.engine.active_jobs)
+        self.metrics.serving.set(0)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        finished = await self.engine.drain(grace_s)
+        if not finished:
+            logger.warning("drain timed out after %.1fs with %d requests open", grace_s,
+                           self.engine.active_jobs)
+        await self.stop(grace_s=1.0)
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        await self.server.stop(grace_s)
+        await self.engine.close()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        logger.info("stopped %s", self.address)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve_until_signal(server: TeacherServer, grace_s: float = 30.0) -> None:
+    """Run until SIGTERM/SIGINT, then drain gracefully."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.drain(grace_s)

@@ -1,0 +1,46 @@
+"""Prometheus metrics of one teacher server, all defined here.
+
+Each server owns a `CollectorRegistry` (several servers may share a process in
+tests) exposed on its own HTTP port. Names follow Prometheus conventions:
+prefix `logitcast_teacher_`, base units, counters end in `_total`, histograms
+not summaries, and no high-cardinality labels (status code and method only).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TOKENS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+class TeacherMetrics:
+    """The server's metrics, registered in `registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.tokens = Counter("logitcast_teacher_tokens", "Positions turned into targets",
+                              registry=r)
+        self.requests = Counter("logitcast_teacher_requests", "Finished requests by RPC and code",
+                                ["rpc", "code"], registry=r)
+        self.request_seconds = Histogram("logitcast_teacher_request_seconds",
+                                         "Distill request latency, admission to last chunk",
+                                         buckets=_SECONDS, registry=r)
+        self.batch_tokens = Histogram("logitcast_teacher_batch_tokens",
+                                      "Tokens per teacher forward batch", buckets=_TOKENS,
+                                      registry=r)
+        self.forward_seconds = Histogram("logitcast_teacher_forward_seconds",
+                                         "Teacher forward time per batch", buckets=_SECONDS,
+                                         registry=r)
+        self.sparsify_seconds = Histogram("logitcast_teacher_sparsify_seconds",
+                                          "LM head + sparsify + encode time per batch",
+                                          buckets=_SECONDS, registry=r)
+        self.queue_tokens = Gauge("logitcast_teacher_queue_tokens",
+                                  "Admitted tokens waiting for the teacher", registry=r)
+        self.inflight = Gauge("logitcast_teacher_inflight_requests", "Open Distill streams",
+                              registry=r)
+        self.sent_bytes = Counter("logitcast_teacher_sent_bytes", "Target payload bytes streamed",
+                                  registry=r)
+        self.serving = Gauge("logitcast_teacher_serving", "1 while accepting requests, 0 draining",
+                             registry=r)
