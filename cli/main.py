@@ -15,6 +15,7 @@ import sys
 #: verb -> (module under logitcast.cli, one-line help)
 VERBS = {
     "prepare-teacher": ("prepare_teacher", "convert the embedded SmolLM2 teacher to a fast cache"),
+    "serve": ("serve", "run a teacher server (gRPC) until SIGTERM, then drain"),
 }
 
 

@@ -48,12 +48,14 @@ def sparsify(
     positions: torch.Tensor,
     labels: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    entropy: bool = True,
 ) -> SparseTargets:
     """Sparse targets for N positions.
 
     logits: float [N, V] teacher logits (any float dtype/device; -inf marks impossible tokens).
     row_keys, positions: int64 [N], the coordinates of each position's random draws.
     labels: int64 [N] true next tokens (negative = unknown) for the log-prob extra, or None.
+    entropy: compute the teacher-entropy extra (NaN when False; saves a pass over [N, V]).
     """
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a float [N, V] tensor, got {logits.dtype} "
@@ -74,7 +76,7 @@ def sparsify(
         sl = slice(start, start + chunk_size)
         parts.append(_sparsify_chunk(
             logits[sl], spec, row_keys[sl].to(logits.device), positions[sl].to(logits.device),
-            None if labels is None else labels[sl].to(logits.device), start,
+            None if labels is None else labels[sl].to(logits.device), start, entropy,
         ))
     return SparseTargets.cat(parts)
 
@@ -109,19 +111,26 @@ def _sparsify_chunk(
     pos: torch.Tensor,
     labels: torch.Tensor | None,
     offset: int,
+    with_entropy: bool,
 ) -> SparseTargets:
     n, vocab = logits.shape
     # Pad the vocabulary to whole 256-token blocks with -inf (probability 0), once, so
     # the blocked sums and CDFs below are views, not copies of [n, V].
-    x = logits.new_empty(n, -(-vocab // _BLOCK) * _BLOCK, dtype=torch.float32)
-    x[:, :vocab] = logits
-    x[:, vocab:] = float("-inf")
+    if vocab % _BLOCK == 0 and logits.dtype == torch.float32 and logits.is_contiguous():
+        x = logits
+    else:
+        x = logits.new_empty(n, -(-vocab // _BLOCK) * _BLOCK, dtype=torch.float32)
+        x[:, :vocab] = logits
+        x[:, vocab:] = float("-inf")
     _check_finite(x, offset)
     # softmax / log_softmax run one row at a time; an elementwise exp() would not be
     # batch-invariant on CPU (SIMD body vs scalar tail give different last bits).
     logp1 = torch.log_softmax(x, dim=1)
     p1 = torch.softmax(x, dim=1)
-    entropy = -row_sum((p1 * logp1).nan_to_num_(0.0))  # 0 * -inf counts as 0
+    if with_entropy:
+        entropy = -row_sum((p1 * logp1).nan_to_num_(0.0))  # 0 * -inf counts as 0
+    else:
+        entropy = torch.full((n,), float("nan"), device=x.device)
     logprob = torch.full((n,), float("nan"), device=x.device)
     if labels is not None:
         known = labels >= 0
@@ -132,7 +141,7 @@ def _sparsify_chunk(
         p = torch.softmax(x / spec.temperature, dim=1)
     else:
         logp, p = logp1, p1
-    del x, p1, logp1
+    del p1, logp1
 
     zeros_n = torch.zeros(n, dtype=torch.int32, device=p.device)
     extras = {"entropy": entropy, "logprob": logprob, "vocab_size": vocab}
@@ -144,7 +153,7 @@ def _sparsify_chunk(
                              num_entries=full, num_head=full, draws=zeros_n,
                              tail_mass=torch.zeros(n, device=p.device), **extras)
     if spec.method in ("topk", "top_p_k"):
-        ids = ordered_topk(logp, spec.k)
+        ids = ordered_topk(x, spec.k)  # logits order = tempered probability order
         w = p.gather(1, ids)
         num = torch.full((n,), spec.k, dtype=torch.int32, device=p.device)
         if spec.method == "top_p_k":
@@ -165,7 +174,7 @@ def _sparsify_chunk(
                              num_head=zeros_n, draws=draws, tail_mass=ones.float(),
                              tail_from_counts=spec.proposal_t == 1.0, **extras)
     # head_tail
-    head = ordered_topk(logp, spec.k_head)
+    head = ordered_topk(x, spec.k_head)
     head_w = p.gather(1, head)
     tail_p = p.scatter(1, head, 0.0)
     tail_mass = (1.0 - row_sum(head_w.double())).clamp_min(0.0)
@@ -191,6 +200,11 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
     threads differently for different batch sizes): sums of fixed 256-wide blocks,
     then a sequential cumsum over blocks."""
     return _blocked(x).sum(dim=2).cumsum(dim=1)[:, -1]
+
+
+def row_sq_sum(x: torch.Tensor) -> torch.Tensor:
+    """[n, V] -> [n] sums of squares, batch-invariant like `row_sum`, in one pass."""
+    return (torch.linalg.vector_norm(_blocked(x), dim=2) ** 2).cumsum(dim=1)[:, -1]
 
 
 def _blocked(x: torch.Tensor) -> torch.Tensor:
@@ -238,27 +252,31 @@ def _exact_topk(logp: torch.Tensor, k: int) -> torch.Tensor:
     return key.topk(k, dim=1, sorted=True).indices
 
 
-def draws_for_unique(q: torch.Tensor, target: float, max_draws: int) -> torch.Tensor:
+def draws_for_unique(
+    q: torch.Tensor, target: float, max_draws: int, total: torch.Tensor | None = None
+) -> torch.Tensor:
     """int64 [n]: the fewest draws D <= max_draws with E[#distinct tokens] >= target.
 
-    q: float [n, V] proposal (unnormalised is fine). E[unique](D) = sum_i 1 - (1 - q_i)^D,
-    exact over the top tokens; the rest is treated as s1^2/s2 equal tokens that match
-    its first two moments. D depends only on q, so the estimator stays unbiased.
+    q: float [n, V] proposal, unnormalised is fine; total: its row sums if known
+    (float64 [n]), else computed. E[unique](D) = sum_i 1 - (1 - q_i)^D, exact over the
+    top tokens; the rest is treated as s1^2/s2 equal tokens that match its first two
+    moments. D depends only on q, so the estimator stays unbiased.
     """
     q = q.float()
-    total = row_sum(q).double().clamp_min(1e-300)
+    total = (row_sum(q).double() if total is None else total.double()).clamp_min(1e-300)
     top = q.topk(min(_TOP_EXACT, q.shape[1]), dim=1).values.double() / total[:, None]
     s1 = (1.0 - row_sum(top)).clamp_min(0.0)
-    sq = row_sum(q * q).double() / (total * total)
+    sq = row_sq_sum(q).double() / (total * total)
     s2 = (sq - row_sum(top * top)).clamp_min(1e-300)
-    log1m_top = torch.log1p(-top.clamp(max=1.0))
+    log1m_top = torch.log1p(-top.clamp(max=1.0 - 1e-12))
     n_eff = s1 * s1 / s2
-    log1m_eff = torch.log1p(-(s2 / s1.clamp_min(1e-300)).clamp(max=1.0))
+    log1m_eff = torch.log1p(-(s2 / s1.clamp_min(1e-300)).clamp(max=1.0 - 1e-12))
 
     def expected_unique(d: torch.Tensor) -> torch.Tensor:
         d = d.double()
-        exact = row_sum(1.0 - torch.exp(log1m_top * d[:, None]))
-        return exact + n_eff * (1.0 - torch.exp(log1m_eff * d))
+        # exponents clamped at -60: (1 - q)^D below e^-60 is 0 here, and denormals are slow
+        exact = row_sum(1.0 - torch.exp((log1m_top * d[:, None]).clamp_min(-60.0)))
+        return exact + n_eff * (1.0 - torch.exp((log1m_eff * d).clamp_min(-60.0)))
 
     lo = torch.ones(q.shape[0], dtype=torch.int64, device=q.device)
     hi = torch.full_like(lo, max_draws)
@@ -312,7 +330,8 @@ def _sample(
     if spec.draws is not None:
         draws = torch.full((n,), spec.draws, dtype=torch.int64, device=p.device)
     else:
-        draws = draws_for_unique(q, spec.unique, spec.max_draws)
+        total = mass if (t == 1.0 and q is p) else None
+        draws = draws_for_unique(q, spec.unique, spec.max_draws, total)
     draws = torch.where(mass > 0, draws, 0)
     dmax = int(draws.max()) if n else 0
     u = uniforms(spec.seed, keys, pos, dmax)

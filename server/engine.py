@@ -237,7 +237,8 @@ class Engine:
             lab = labels[r0:r0 + rn].reshape(-1)
             parts = [
                 sparsify(self.backend.logits(h[p:p + ppc]), job.spec, row_keys=keys[p:p + ppc],
-                         positions=pos[p:p + ppc], labels=lab[p:p + ppc], chunk_size=ppc)
+                         positions=pos[p:p + ppc], labels=lab[p:p + ppc], chunk_size=ppc,
+                         entropy="entropy" in job.extras)
                 for p in range(0, rn * seq, ppc)
             ]
             payload = encode(SparseTargets.cat(parts), extras=job.extras)

@@ -1,0 +1,69 @@
+"""`logitcast serve`: one teacher server in this process, until SIGTERM/SIGINT (then drain)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from logitcast.ops import METHODS
+
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M), 'tiny' (random test model), "
+                        "a local path or a hub id")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated methods to serve (default: all of {','.join(METHODS)})")
+    p.add_argument("--max-batch-tokens", type=int, default=8192)
+    p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--max-queue-tokens", type=int, default=262144)
+    p.add_argument("--max-rows", type=int, default=1024)
+    p.add_argument("--max-tokens", type=int, default=131072)
+    p.add_argument("--auth-token-file", type=Path, default=None,
+                   help="require 'authorization: Bearer <token>' with the token in this file")
+    p.add_argument("--tls-cert", type=Path, default=None)
+    p.add_argument("--tls-key", type=Path, default=None)
+    p.add_argument("--drain-grace-s", type=float, default=30.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from logitcast.ops import METHODS
+    from logitcast.server.app import TeacherServer, TLSConfig, serve_until_signal
+    from logitcast.server.backends import TransformersBackend
+    from logitcast.server.engine import EngineConfig
+    from logitcast.server.limits import RequestLimits
+
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    tls = (TLSConfig(key=args.tls_key.read_bytes(), cert=args.tls_cert.read_bytes())
+           if args.tls_cert else None)
+    token = args.auth_token_file.read_text().strip() if args.auth_token_file else None
+    if args.model == "tiny":
+        backend = TransformersBackend.tiny_random(device=args.device)
+    else:
+        backend = TransformersBackend.from_pretrained(args.model, dtype=args.dtype,
+                                                      device=args.device)
+    engine = EngineConfig(max_batch_tokens=args.max_batch_tokens,
+                          max_wait_s=args.max_wait_ms / 1000.0,
+                          max_queue_tokens=args.max_queue_tokens)
+    limits = RequestLimits(max_rows=args.max_rows, max_tokens=args.max_tokens)
+
+    async def main() -> None:
+        server = await TeacherServer.start(
+            backend, host=args.host, port=args.port, engine_config=engine, limits=limits,
+            methods=methods, metrics_port=args.metrics_port, auth_token=token, tls=tls)
+        await serve_until_signal(server, grace_s=args.drain_grace_s)
+
+    asyncio.run(main())
+    return 0
