@@ -182,7 +182,8 @@ class Engine:
             fit = max(budget // job.seq_len, 0 if batch else 1)
             take = min(left, fit)
             if take < left:  # whole chunks only, so chunk boundaries never depend on batching
-                take = max(take // job.rows_per_chunk * job.rows_per_chunk, 0 if batch else take)
+                aligned = take // job.rows_per_chunk * job.rows_per_chunk
+                take = aligned if (aligned or batch) else min(left, job.rows_per_chunk)
             if take <= 0:
                 break
             batch.append((job, job.next_row, take))
