@@ -7,6 +7,8 @@ It knows nothing about serving, batching or caching.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -68,3 +70,15 @@ def _from_int32_bytes(data: bytes, rows: int, seq: int, field: str) -> torch.Ten
         raise ValueError(f"{field} has {len(data)} bytes, expected rows*seq_len*4 = {want}")
     arr = np.frombuffer(data, dtype="<i4").reshape(rows, seq)
     return torch.from_numpy(arr.astype(np.int64))
+
+
+def content_hash(tokens: torch.Tensor | np.ndarray) -> int:
+    """blake2b-64 of int32 little-endian token bytes, as an unsigned int (the wire's fixed64)."""
+    arr = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    digest = hashlib.blake2b(arr.astype("<i4").tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def signed64(key: int) -> int:
+    """A fixed64 wire value as the int64 that `logitcast.ops` uses for row keys."""
+    return key - (1 << 64) if key >= 1 << 63 else key

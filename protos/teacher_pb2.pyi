@@ -61,16 +61,18 @@ class DistillRequest(_message.Message):
     def __init__(self, rows: _Optional[_Union[Rows, _Mapping]] = ..., row_keys: _Optional[_Iterable[int]] = ..., spec: _Optional[_Union[TargetSpec, _Mapping]] = ..., codec_version: _Optional[int] = ..., teacher_id: _Optional[str] = ..., rows_per_chunk: _Optional[int] = ..., extras: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DistillChunk(_message.Message):
-    __slots__ = ("row_start", "row_count", "payload", "crc32")
+    __slots__ = ("row_start", "row_count", "payload", "crc32", "row_hashes")
     ROW_START_FIELD_NUMBER: _ClassVar[int]
     ROW_COUNT_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    ROW_HASHES_FIELD_NUMBER: _ClassVar[int]
     row_start: int
     row_count: int
     payload: bytes
     crc32: int
-    def __init__(self, row_start: _Optional[int] = ..., row_count: _Optional[int] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+    row_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, row_start: _Optional[int] = ..., row_count: _Optional[int] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ..., row_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

@@ -40,21 +40,19 @@ class TeacherBackend(Protocol):
         """hidden: [n, d] -> float32 logits [n, V] for one chunk of positions."""
 
 
-def document_attention(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-diagonal causal attention for packed documents.
+def document_segments(document_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every run of equal document ids, row by row.
 
     document_ids: int64 [B, T], non-decreasing within a row.
-    Returns (mask bool [B, 1, T, T], True = may attend; position_ids int64 [B, T]
-    restarting at 0 at every document start).
     """
     b, t = document_ids.shape
-    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
-    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
-    idx = torch.arange(t, device=document_ids.device).expand(b, t)
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    first = torch.cummax(torch.where(starts, idx, 0), dim=1).values
-    return (same_doc & causal)[:, None], idx - first
+    change = torch.ones(b, t, dtype=torch.bool, device=document_ids.device)
+    change[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    segments = []
+    for row, starts in enumerate(change.cpu().numpy()):
+        edges = [*starts.nonzero()[0].tolist(), t]
+        segments.extend((row, s, e) for s, e in zip(edges[:-1], edges[1:]))
+    return segments
 
 
 class TransformersBackend:
@@ -120,11 +118,24 @@ class TransformersBackend:
     @torch.inference_mode()
     def hidden_states(self, tokens: torch.Tensor,
                       document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        kwargs: dict[str, Any] = {}
-        if document_ids is not None:
-            mask, positions = document_attention(document_ids)
-            kwargs = {"attention_mask": mask, "position_ids": positions}
-        return self.model.model(input_ids=tokens, use_cache=False, **kwargs).last_hidden_state
+        if document_ids is None:
+            return self.model.model(input_ids=tokens, use_cache=False).last_hidden_state
+        # Document mode, varlen style: every document segment runs as its own sequence
+        # (segments of equal length batched together), so its hidden states depend on
+        # the segment alone, not on how it was packed. On GPUs a flash-attention varlen
+        # kernel does the same without the grouping.
+        groups: dict[int, list[tuple[int, int, int]]] = {}
+        for seg in document_segments(document_ids):
+            groups.setdefault(seg[2] - seg[1], []).append(seg)
+        out = None
+        for segs in groups.values():
+            batch = torch.stack([tokens[r, s:e] for r, s, e in segs])
+            hidden = self.model.model(input_ids=batch, use_cache=False).last_hidden_state
+            if out is None:
+                out = hidden.new_zeros(*tokens.shape, hidden.shape[-1])
+            for (r, s, e), h in zip(segs, hidden):
+                out[r, s:e] = h
+        return out
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

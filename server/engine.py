@@ -8,8 +8,8 @@ chunk of rows computes logits a few hundred positions at a time, sparsifies and
 encodes them on the teacher's device, and pushes the bytes to the job's stream
 at once. A cancelled job is skipped from then on and its queued tokens freed.
 
-It knows nothing about gRPC: jobs receive `(row_start, row_count, payload)`
-tuples, then `DONE`, or an exception.
+It knows nothing about gRPC: jobs receive `(row_start, row_count, payload,
+row_hashes)` tuples, then `DONE`, or an exception.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch
 
 from logitcast.ops import SparseTargets, TargetSpec, row_positions, sparsify
 from logitcast.ops.codec import encode
-from logitcast.server.backends import TeacherBackend
+from logitcast.protos.convert import content_hash, signed64
+from logitcast.server.backends import TeacherBackend, document_segments
 from logitcast.server.errors import DrainingError, OverloadedError
 from logitcast.server.metrics import TeacherMetrics
 
@@ -228,23 +229,29 @@ class Engine:
                        tokens: torch.Tensor) -> None:
         seq = job.seq_len
         labels = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1)
+        keys, pos = row_positions(job.row_keys[start:start + count].to(tokens.device), seq)
+        if job.document_ids is not None:
+            keys, pos = _document_coordinates(tokens, job.document_ids[start:start + count])
+            docs = job.document_ids[start:start + count].to(tokens.device)
+            labels[:, :-1][docs[:, 1:] != docs[:, :-1]] = -1  # next token is another document's
         ppc = self.config.positions_per_chunk
         for r0 in range(0, count, job.rows_per_chunk):
             if job.cancelled:
                 return
             rn = min(job.rows_per_chunk, count - r0)
             h = hidden[r0:r0 + rn].reshape(rn * seq, -1)
-            keys, pos = row_positions(job.row_keys[start + r0:start + r0 + rn].to(h.device), seq)
-            lab = labels[r0:r0 + rn].reshape(-1)
+            span = slice(r0 * seq, (r0 + rn) * seq)
+            lab, row_keys, row_pos = labels[r0:r0 + rn].reshape(-1), keys[span], pos[span]
             parts = [
-                sparsify(self.backend.logits(h[p:p + ppc]), job.spec, row_keys=keys[p:p + ppc],
-                         positions=pos[p:p + ppc], labels=lab[p:p + ppc], chunk_size=ppc,
+                sparsify(self.backend.logits(h[p:p + ppc]), job.spec, row_keys=row_keys[p:p + ppc],
+                         positions=row_pos[p:p + ppc], labels=lab[p:p + ppc], chunk_size=ppc,
                          entropy="entropy" in job.extras)
                 for p in range(0, rn * seq, ppc)
             ]
             payload = encode(SparseTargets.cat(parts), extras=job.extras)
             self.metrics.tokens.inc(rn * seq)
-            self._emit(job, (start + r0, rn, payload))
+            hashes = [content_hash(row) for row in tokens[r0:r0 + rn]]
+            self._emit(job, (start + r0, rn, payload, hashes))
         if start + count >= job.rows:
             self._emit(job, DONE)
 
@@ -266,3 +273,15 @@ class Engine:
         ]) if len(labels) else torch.zeros(0, device=dev)
         sums = logp.double().view(rows, seq - 1).sum(dim=1)
         return sums.tolist(), [seq - 1] * rows
+
+
+def _document_coordinates(tokens: torch.Tensor,
+                          document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw coordinates in document mode: each segment's own content hash and the
+    position inside the segment, so targets do not depend on the packing."""
+    keys = torch.empty(tokens.shape, dtype=torch.int64)
+    pos = torch.empty(tokens.shape, dtype=torch.int64)
+    for row, s, e in document_segments(document_ids):
+        keys[row, s:e] = signed64(content_hash(tokens[row, s:e]))
+        pos[row, s:e] = torch.arange(e - s)
+    return keys.reshape(-1).to(tokens.device), pos.reshape(-1).to(tokens.device)

@@ -20,7 +20,7 @@ from logitcast.ops.codec import EXTRAS, VERSION
 from logitcast.ops.sparsifiers import check_spec_vocab
 from logitcast.protos import teacher_pb2 as pb
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
-from logitcast.protos.convert import rows_from_proto, spec_from_proto
+from logitcast.protos.convert import rows_from_proto, signed64, spec_from_proto
 from logitcast.server.backends import TeacherBackend
 from logitcast.server.engine import DONE, Engine, Job
 from logitcast.server.errors import PreconditionError, UnknownTeacherError, status_for
@@ -50,9 +50,9 @@ class TeacherServicer(pb_grpc.TeacherServicer):
                     break
                 if isinstance(item, BaseException):
                     raise item
-                row_start, row_count, payload = item
+                row_start, row_count, payload, hashes = item
                 yield pb.DistillChunk(row_start=row_start, row_count=row_count, payload=payload,
-                                      crc32=zlib.crc32(payload))
+                                      crc32=zlib.crc32(payload), row_hashes=hashes)
                 self.metrics.sent_bytes.inc(len(payload))
             self.metrics.request_seconds.observe(time.perf_counter() - t0)
         except Exception as exc:
@@ -126,8 +126,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
                 f"or a sparser method")
         fit = self.limits.max_chunk_bytes // per_row
         rpc = req.rows_per_chunk or max(1, self.limits.chunk_positions // seq)
-        keys = torch.tensor([k - (1 << 64) if k >= 1 << 63 else k for k in req.row_keys],
-                            dtype=torch.int64)
+        keys = torch.tensor([signed64(k) for k in req.row_keys], dtype=torch.int64)
         return Job(tokens=tokens, document_ids=docs, row_keys=keys, spec=spec, extras=extras,
                    rows_per_chunk=max(1, min(rpc, fit, rows)))
 

@@ -13,6 +13,7 @@ from logitcast.ops import SparseTargets, TargetSpec, row_positions, sparsify
 from logitcast.ops.codec import decode, encode
 from logitcast.protos import teacher_pb2 as pb
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
+from logitcast.protos.convert import content_hash
 from logitcast.server.app import TLSConfig
 from logitcast.server.engine import EngineConfig
 from tests.server.conftest import ServerThread, distill_request
@@ -43,6 +44,7 @@ def test_served_targets_equal_the_ops_applied_to_the_same_logits(stub, tiny_back
         keys = [11, 22, 33, 44, 55]
         chunks = list(stub.Distill(distill_request(tokens, spec, keys=keys, rows_per_chunk=2)))
         assert [(c.row_start, c.row_count) for c in chunks] == [(0, 2), (2, 2), (4, 1)]
+        assert [h for c in chunks for h in c.row_hashes] == [content_hash(r) for r in tokens]
         served = SparseTargets.cat([decode(c.payload) for c in chunks])
         direct = direct_targets(tiny_backend, tokens, keys, spec)
         assert encode(served) == encode(direct.pad_to(served.width))
@@ -210,3 +212,44 @@ def test_tls(tiny_backend, tmp_path):
             assert pb_grpc.TeacherStub(ch).Info(pb.InfoRequest()).vocab_size == VOCAB
     finally:
         s.close()
+
+
+def test_document_mode_targets_depend_only_on_the_document(stub):
+    """Two packings (different seq_len and batch size) give byte-identical targets."""
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, VOCAB, (n,), generator=g) for n in (17, 40, 9, 23, 31)]
+
+    def pack(order, seq_len):
+        rows, ids, row, doc_row, next_id, where = [], [], [], [], 0, {}
+        for d in order:
+            if len(row) + len(docs[d]) > seq_len:
+                pad = seq_len - len(row)
+                rows.append(torch.cat([torch.tensor(row, dtype=torch.int64),
+                                       torch.zeros(pad, dtype=torch.int64)]))
+                ids.append(torch.tensor(doc_row + [next_id] * pad))
+                row, doc_row, next_id = [], [], next_id + 1
+            where[d] = (len(rows), len(row))
+            row += docs[d].tolist()
+            doc_row += [next_id] * len(docs[d])
+            next_id += 1
+        pad = seq_len - len(row)
+        rows.append(torch.cat([torch.tensor(row, dtype=torch.int64), torch.zeros(pad, dtype=torch.int64)]))
+        ids.append(torch.tensor(doc_row + [next_id] * pad))
+        return torch.stack(rows), torch.stack(ids), where
+
+    def targets_by_doc(order, seq_len):
+        tokens, doc_ids, where = pack(order, seq_len)
+        req = distill_request(tokens, extras=["logprob", "entropy"])
+        req.rows.document_ids = doc_ids.to(torch.int32).numpy().astype("<i4").tobytes()
+        chunks = list(stub.Distill(req))
+        all_targets = SparseTargets.cat([decode(c.payload) for c in chunks])
+        out = {}
+        for d, (r, c) in where.items():
+            start = r * seq_len + c
+            part = all_targets[start:start + len(docs[d])]
+            out[d] = encode(part.pad_to(int(part.num_entries.max())), extras=("logprob", "entropy"))
+        return out
+
+    a = targets_by_doc([0, 1, 2, 3, 4], seq_len=48)
+    b = targets_by_doc([3, 2, 4, 0, 1], seq_len=64)
+    assert a == b
