@@ -34,11 +34,10 @@ from logitcast.ops import TargetSpec
 from logitcast.ops.codec import VERSION
 from logitcast.protos import teacher_pb2 as pb
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
-from logitcast.protos.convert import rows_to_proto, spec_to_proto
+from logitcast.protos.convert import MAX_MESSAGE_BYTES, rows_to_proto, spec_to_proto
 from logitcast.server.app import TeacherServer
 from logitcast.server.backends import TransformersBackend
 from logitcast.server.engine import EngineConfig
-from logitcast.server.limits import MAX_MESSAGE_BYTES
 
 
 def corpus_rows(tok, rows: int, seq: int) -> torch.Tensor:

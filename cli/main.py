@@ -16,6 +16,7 @@ import sys
 VERBS = {
     "prepare-teacher": ("prepare_teacher", "convert the embedded SmolLM2 teacher to a fast cache"),
     "serve": ("serve", "run a teacher server (gRPC) until SIGTERM, then drain"),
+    "tokenize": ("tokenize", "text files, JSONL, Parquet or HF datasets -> token shards"),
 }
 
 

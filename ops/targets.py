@@ -59,10 +59,10 @@ class SparseTargets:
     def device(self) -> torch.device:
         return self.ids.device
 
-    def to(self, device: torch.device | str) -> SparseTargets:
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> SparseTargets:
         """Same targets on another device."""
         moved = {
-            f.name: getattr(self, f.name).to(device)
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
             for f in dataclasses.fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
         }

@@ -15,6 +15,9 @@ import torch
 from logitcast.ops.spec import TargetSpec
 from logitcast.protos import teacher_pb2 as pb
 
+#: Default gRPC message size limit, used by server and client alike.
+MAX_MESSAGE_BYTES = 64 << 20
+
 _SPEC_FIELDS = ("k", "p", "draws", "unique", "max_draws", "proposal_t", "k_head",
                 "temperature", "seed")
 

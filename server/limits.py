@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from logitcast.ops.spec import TargetSpec
+from logitcast.protos.convert import MAX_MESSAGE_BYTES
 
-#: Default gRPC message size limit on both sides (server and client use the same).
-MAX_MESSAGE_BYTES = 64 << 20
 _HEADER_SLACK = 1 << 16
 
 

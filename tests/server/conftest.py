@@ -11,7 +11,6 @@ from logitcast.protos import teacher_pb2 as pb
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
 from logitcast.protos.convert import rows_to_proto, spec_to_proto
 from logitcast.server.app import TeacherServer
-from logitcast.server.backends import TransformersBackend
 
 
 class ServerThread:
@@ -31,11 +30,6 @@ class ServerThread:
         self.call(self.server.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
-
-
-@pytest.fixture(scope="session")
-def tiny_backend():
-    return TransformersBackend.tiny_random(vocab_size=1000, seed=0)
 
 
 @pytest.fixture

@@ -1,0 +1,269 @@
+"""`TeacherClient`: sparse targets for the trainer's exact rows, ahead of time, failing over.
+
+For each step the client looks the rows up in the cache, sends the misses to
+the fleet (one server-streaming Distill call), verifies every chunk (CRC and
+the server's echo of each row's content hash), writes fetched rows back to the
+cache, and decodes to tensors on the trainer's device. A window of upcoming
+steps is fetched in the background; steps are delivered exactly once, in
+order. UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED are retried on the
+next address with jittered backoff; anything else, or too many tries, raises.
+
+It knows nothing about training: it takes `PackedBatch`es, gives `StepTargets`.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import random
+import threading
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from logitcast.client.metrics import ClientMetrics
+from logitcast.client.packing import PackedBatch
+from logitcast.ops import SparseTargets, TargetSpec
+from logitcast.ops.codec import VERSION, decode
+from logitcast.protos import teacher_pb2 as pb
+from logitcast.protos import teacher_pb2_grpc as pb_grpc
+from logitcast.protos.convert import MAX_MESSAGE_BYTES, rows_to_proto, spec_to_proto
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class TeacherMismatchError(RuntimeError):
+    """The fleet serves a different tokenizer, vocabulary or codec than the trainer uses."""
+
+
+class TeacherUnavailableError(RuntimeError):
+    """No server delivered a step's targets within the allowed tries."""
+
+
+class CorruptStreamError(RuntimeError):
+    """A chunk failed its CRC, echoed other row hashes, or the stream ended early."""
+
+
+class MemoryTargetCache:
+    """In-memory stand-in for the target cache: key bytes -> codec payload."""
+
+    def __init__(self) -> None:
+        self._data: dict[bytes, bytes] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> bytes | None:
+        with self._lock:
+            return self._data.get(key)
+
+    def put(self, key: bytes, payload: bytes) -> None:
+        with self._lock:
+            self._data.setdefault(key, payload)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def target_key(row_hash: int, teacher_id: str, spec: TargetSpec, doc_mode: bool) -> bytes:
+    """Cache key of one row's targets: content, teacher, spec, codec version, attention mode."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (str(row_hash), teacher_id, spec.key(), str(VERSION), str(doc_mode)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class StepTargets:
+    """A step's rows and their teacher targets (one SparseTargets over B*T positions)."""
+
+    batch: PackedBatch
+    targets: SparseTargets
+    cache_hits: int
+
+
+class TeacherClient:
+    """Client of a teacher fleet (one or more addresses)."""
+
+    def __init__(
+        self,
+        addresses: list[str],
+        spec: TargetSpec,
+        *,
+        tokenizer_fingerprint: str,
+        vocab_size: int,
+        teacher_id: str | None = None,
+        cache=None,
+        prefetch: int = 4,
+        max_tries: int = 6,
+        timeout_s: float = 300.0,
+        backoff_s: float = 0.1,
+        extras: tuple[str, ...] = ("logprob",),
+        device: str | torch.device = "cpu",
+        auth_token: str | None = None,
+        tls_root_certs: bytes | None = None,
+        metrics: ClientMetrics | None = None,
+    ) -> None:
+        if not addresses:
+            raise ValueError("at least one teacher address is needed")
+        if prefetch < 1 or max_tries < 1:
+            raise ValueError(f"prefetch and max_tries must be >= 1, got {prefetch}, {max_tries}")
+        self.addresses, self.spec, self.cache = list(addresses), spec, cache
+        self.prefetch, self.max_tries, self.timeout_s = prefetch, max_tries, timeout_s
+        self.backoff_s, self.extras, self.device = backoff_s, extras, torch.device(device)
+        self.metrics = metrics or ClientMetrics()
+        self._meta = [("authorization", f"Bearer {auth_token}")] if auth_token else []
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        creds = grpc.ssl_channel_credentials(tls_root_certs) if tls_root_certs else None
+        self._channels = [grpc.secure_channel(a, creds, options=opts) if creds
+                          else grpc.insecure_channel(a, options=opts) for a in self.addresses]
+        self._stubs = [pb_grpc.TeacherStub(c) for c in self._channels]
+        self._pool = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="teacher-client")
+        self.teacher_id = self._check_fleet(tokenizer_fingerprint, vocab_size, teacher_id)
+
+    # ------------------------------------------------------------------ connect
+
+    def _check_fleet(self, fingerprint: str, vocab: int, teacher_id: str | None) -> str:
+        """Info() on every reachable server; any mismatch is an error before training."""
+        seen, errors = None, []
+        for addr, stub in zip(self.addresses, self._stubs):
+            try:
+                info = stub.Info(pb.InfoRequest(), timeout=30, metadata=self._meta)
+            except grpc.RpcError as exc:
+                errors.append(f"{addr}: {exc.code().name}")
+                continue
+            problems = []
+            if info.tokenizer_fingerprint != fingerprint:
+                problems.append(f"tokenizer {info.tokenizer_fingerprint} != trainer's {fingerprint}")
+            if info.vocab_size != vocab:
+                problems.append(f"vocab {info.vocab_size} != trainer's {vocab}")
+            if VERSION not in info.codec_versions:
+                problems.append(f"codecs {list(info.codec_versions)} lack version {VERSION}")
+            if teacher_id and info.teacher_id != teacher_id:
+                problems.append(f"teacher {info.teacher_id!r} != requested {teacher_id!r}")
+            if seen is not None and info.teacher_id != seen:
+                problems.append(f"teacher {info.teacher_id!r} differs from {seen!r} elsewhere")
+            if problems:
+                raise TeacherMismatchError(f"{addr}: " + "; ".join(problems))
+            seen = info.teacher_id
+        if seen is None:
+            raise TeacherUnavailableError(f"no teacher reachable: {', '.join(errors)}")
+        return seen
+
+    # ------------------------------------------------------------------ steps
+
+    def stream(self, batches: Iterable[PackedBatch]) -> Iterator[StepTargets]:
+        """Targets for `batches` in order, fetching `prefetch` steps ahead."""
+        pending: collections.deque[Future] = collections.deque()
+        it = iter(batches)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(pending) < self.prefetch:
+                    nxt = next(it, None)
+                    if nxt is None:
+                        exhausted = True
+                    else:
+                        pending.append(self._pool.submit(self.fetch, nxt))
+                if not pending:
+                    return
+                t0 = time.perf_counter()
+                result = pending.popleft().result()
+                self.metrics.wait_seconds.inc(time.perf_counter() - t0)
+                self.metrics.steps.inc()
+                yield result
+        finally:
+            for f in pending:
+                f.cancel()
+
+    def fetch(self, batch: PackedBatch) -> StepTargets:
+        """One step's targets now (cache first, then the fleet)."""
+        doc_mode = batch.document_ids is not None
+        keys = [target_key(h, self.teacher_id, self.spec, doc_mode) for h in batch.row_hashes]
+        payloads: list[bytes | None] = [self.cache.get(k) if self.cache else None for k in keys]
+        misses = [i for i, p in enumerate(payloads) if p is None]
+        hits = len(keys) - len(misses)
+        self.metrics.cache_hits.inc(hits)
+        self.metrics.cache_misses.inc(len(misses))
+        if misses:
+            fetched = self._fetch_rows(batch, misses)
+            for i, payload in zip(misses, fetched):
+                payloads[i] = payload
+                if self.cache is not None:
+                    self.cache.put(keys[i], payload)
+        targets = SparseTargets.cat([decode(p) for p in payloads])
+        if self.device.type == "cuda":
+            targets = _pinned(targets).to(self.device, non_blocking=True)
+        return StepTargets(batch, targets, hits)
+
+    def _fetch_rows(self, batch: PackedBatch, rows: list[int]) -> list[bytes]:
+        docs = batch.document_ids[rows] if batch.document_ids is not None else None
+        request = pb.DistillRequest(
+            rows=rows_to_proto(batch.input_ids[rows], docs),
+            row_keys=[batch.row_hashes[i] for i in rows], spec=spec_to_proto(self.spec),
+            codec_version=VERSION, teacher_id=self.teacher_id, rows_per_chunk=1,
+            extras=list(self.extras))
+        start = batch.step  # spread steps over addresses
+        last = None
+        for attempt in range(self.max_tries):
+            i = (start + attempt) % len(self._stubs)
+            try:
+                return self._distill(self._stubs[i], request, [batch.row_hashes[r] for r in rows])
+            except (grpc.RpcError, CorruptStreamError) as exc:
+                if isinstance(exc, grpc.RpcError) and exc.code() not in RETRYABLE:
+                    raise
+                code = exc.code().name if isinstance(exc, grpc.RpcError) else "CORRUPT"
+                last = f"{code}: {exc.details() if isinstance(exc, grpc.RpcError) else exc}"
+                self.metrics.retries.labels(code).inc()
+                delay = self.backoff_s * (2 ** min(attempt, 5)) * (0.5 + random.random())
+                logger.warning("step %d: %s from %s; retrying on another address in %.2fs",
+                               batch.step, last, self.addresses[i], delay)
+                time.sleep(delay)
+        raise TeacherUnavailableError(
+            f"step {batch.step}: no targets after {self.max_tries} tries over "
+            f"{self.addresses}; last error {last}")
+
+    def _distill(self, stub, request: pb.DistillRequest, hashes: list[int]) -> list[bytes]:
+        out: list[bytes] = []
+        for chunk in stub.Distill(request, timeout=self.timeout_s, metadata=self._meta):
+            if zlib.crc32(chunk.payload) != chunk.crc32:
+                raise CorruptStreamError(f"chunk for rows {chunk.row_start}+{chunk.row_count} "
+                                         f"failed its CRC check")
+            if chunk.row_start != len(out) or chunk.row_count != 1:
+                raise CorruptStreamError(f"unexpected chunk rows {chunk.row_start}+{chunk.row_count}")
+            if list(chunk.row_hashes) != hashes[chunk.row_start:chunk.row_start + 1]:
+                raise CorruptStreamError(f"row {chunk.row_start}: the server saw other tokens "
+                                   f"(hash {list(chunk.row_hashes)} != {hashes[chunk.row_start]})")
+            self.metrics.received_bytes.inc(len(chunk.payload))
+            out.append(chunk.payload)
+        if len(out) != len(hashes):
+            raise CorruptStreamError(f"stream ended after {len(out)} of {len(hashes)} rows")
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for c in self._channels:
+            c.close()
+
+    def __enter__(self) -> TeacherClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _pinned(t: SparseTargets) -> SparseTargets:
+    import dataclasses
+
+    return dataclasses.replace(t, **{
+        f.name: getattr(t, f.name).pin_memory() for f in dataclasses.fields(t)
+        if isinstance(getattr(t, f.name), torch.Tensor)})

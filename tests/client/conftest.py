@@ -1,0 +1,21 @@
+import numpy as np
+import pytest
+
+from logitcast.client.shards import ShardWriter, TokenCorpus
+
+TINY_FINGERPRINT = None  # filled from the tiny backend in fixtures
+
+
+def write_corpus(directory, vocab=1000, docs=60, seed=0, fingerprint="fp", eos=1):
+    rng = np.random.default_rng(seed)
+    w = ShardWriter(directory, fingerprint, vocab, eos, shard_tokens=500)
+    for i in range(docs):
+        w.add(rng.integers(2, vocab, size=int(rng.integers(5, 120))))
+        w.commit_source(f"doc-{i}")
+    w.flush()
+    return TokenCorpus(directory)
+
+
+@pytest.fixture
+def corpus(tmp_path, tiny_backend):
+    return write_corpus(tmp_path / "tokens", fingerprint=tiny_backend.tokenizer_fingerprint)
