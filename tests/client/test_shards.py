@@ -25,7 +25,8 @@ def test_documents_round_trip_across_shards(tmp_path):
     w.flush()
     corpus = TokenCorpus(tmp_path, tokenizer_fingerprint="fp")
     kept = [d for d in docs if d.size]
-    assert corpus.num_documents == 3 and corpus.num_tokens == 22
+    assert corpus.num_documents == 3
+    assert corpus.num_tokens == 22
     for i, d in enumerate(kept):
         assert np.array_equal(corpus.document(i), d)
     assert json.loads((tmp_path / "manifest.json").read_text())["dtype"] == "<u4"
@@ -39,7 +40,8 @@ def test_tokenize_text_and_jsonl_then_resume_skips_done_sources(tmp_path):
     out = tmp_path / "out"
     tokenize_sources(list_sources([src]), out, WhitespaceTokenizer(), "ws", vocab_size=1000)
     corpus = TokenCorpus(out)
-    assert corpus.num_documents == 3 and corpus.num_tokens == 6
+    assert corpus.num_documents == 3
+    assert corpus.num_tokens == 6
     (src / "c.txt").write_text("delta")
     w = tokenize_sources(list_sources([src]), out, WhitespaceTokenizer(), "ws", vocab_size=1000)
     assert len(w.done_sources) == 3
