@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", type=Path, default=None)
     p.add_argument("--tls-key", type=Path, default=None)
     p.add_argument("--drain-grace-s", type=float, default=30.0)
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="tee every served target into this cache directory")
+    p.add_argument("--replica-id", default="r0",
+                   help="this server's cache writer id (unique per replica sharing a cache)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         server = await TeacherServer.start(
             backend, host=args.host, port=args.port, engine_config=engine, limits=limits,
-            methods=methods, metrics_port=args.metrics_port, auth_token=token, tls=tls)
+            methods=methods, metrics_port=args.metrics_port, auth_token=token, tls=tls,
+            cache_dir=args.cache_dir, replica_id=args.replica_id)
         await serve_until_signal(server, grace_s=args.drain_grace_s)
 
     asyncio.run(main())

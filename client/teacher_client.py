@@ -14,7 +14,6 @@ It knows nothing about training: it takes `PackedBatch`es, gives `StepTargets`.
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import random
 import threading
@@ -23,17 +22,24 @@ import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
 
+from logitcast.cache import CacheNamespace, TargetCache, row_key
 from logitcast.client.metrics import ClientMetrics
-from logitcast.client.packing import PackedBatch
+from logitcast.client.packing import IGNORE, PackedBatch
 from logitcast.ops import SparseTargets, TargetSpec
-from logitcast.ops.codec import VERSION, decode
+from logitcast.ops.codec import VERSION, decode, encode
 from logitcast.protos import teacher_pb2 as pb
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
-from logitcast.protos.convert import MAX_MESSAGE_BYTES, rows_to_proto, spec_to_proto
+from logitcast.protos.convert import (
+    MAX_MESSAGE_BYTES,
+    document_segments,
+    rows_to_proto,
+    spec_to_proto,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +78,18 @@ class MemoryTargetCache:
         return len(self._data)
 
 
-def target_key(row_hash: int, teacher_id: str, spec: TargetSpec, doc_mode: bool) -> bytes:
-    """Cache key of one row's targets: content, teacher, spec, codec version, attention mode."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in (str(row_hash), teacher_id, spec.key(), str(VERSION), str(doc_mode)):
-        h.update(part.encode())
-        h.update(b"\0")
-    return h.digest()
+def batch_units(batch: PackedBatch) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every cache unit: whole rows, or document segments."""
+    t = batch.input_ids.shape[1]
+    if batch.document_ids is None:
+        return [(r, 0, t) for r in range(batch.input_ids.shape[0])]
+    return document_segments(batch.document_ids)
+
+
+def is_padding(batch: PackedBatch, unit: tuple[int, int, int]) -> bool:
+    """A document-mode padding segment: nothing in it is trained on."""
+    r, s, e = unit
+    return batch.document_ids is not None and bool((batch.labels[r, s:e] == IGNORE).all())
 
 
 @dataclass(frozen=True)
@@ -111,12 +122,22 @@ class TeacherClient:
         auth_token: str | None = None,
         tls_root_certs: bytes | None = None,
         metrics: ClientMetrics | None = None,
+        write_cache: bool = True,
+        writer_id: str = "client0",
     ) -> None:
+        """cache: None, an object with get/put (e.g. MemoryTargetCache), or a cache
+        directory. write_cache: also store fetched misses (single-machine setups; turn
+        it off when the servers tee into the same cache). writer_id: this client's cache
+        writer id, unique per rank."""
         if not addresses:
             raise ValueError("at least one teacher address is needed")
         if prefetch < 1 or max_tries < 1:
             raise ValueError(f"prefetch and max_tries must be >= 1, got {prefetch}, {max_tries}")
         self.addresses, self.spec, self.cache = list(addresses), spec, cache
+        self.write_cache, self.writer_id = write_cache, writer_id
+        self.tokenizer_fingerprint, self.vocab_size = tokenizer_fingerprint, vocab_size
+        self._disk_caches: dict[bool, TargetCache] = {}
+        self._cache_lock = threading.Lock()
         self.prefetch, self.max_tries, self.timeout_s = prefetch, max_tries, timeout_s
         self.backoff_s, self.extras, self.device = backoff_s, extras, torch.device(device)
         self.metrics = metrics or ClientMetrics()
@@ -186,24 +207,54 @@ class TeacherClient:
                 f.cancel()
 
     def fetch(self, batch: PackedBatch) -> StepTargets:
-        """One step's targets now (cache first, then the fleet)."""
-        doc_mode = batch.document_ids is not None
-        keys = [target_key(h, self.teacher_id, self.spec, doc_mode) for h in batch.row_hashes]
-        payloads: list[bytes | None] = [self.cache.get(k) if self.cache else None for k in keys]
-        misses = [i for i, p in enumerate(payloads) if p is None]
-        hits = len(keys) - len(misses)
+        """One step's targets now (cache first, then the fleet).
+
+        Cache units are whole rows, or in document mode each document segment, so a
+        student with another batch size, world size (or, for documents, seq_len)
+        finds the same records.
+        """
+        units = batch_units(batch)
+        cache = self._cache_for(batch.document_ids is not None)
+        keys = [row_key(batch.input_ids[r, s:e]) for r, s, e in units]
+        padding = [is_padding(batch, u) for u in units]
+        payloads: list[bytes | None] = [
+            b"" if pad else (cache.get(k) if cache else None) for k, pad in zip(keys, padding)]
+        missing = [i for i, p in enumerate(payloads) if p is None]
+        hits = len(keys) - len(missing)
         self.metrics.cache_hits.inc(hits)
-        self.metrics.cache_misses.inc(len(misses))
-        if misses:
-            fetched = self._fetch_rows(batch, misses)
-            for i, payload in zip(misses, fetched):
-                payloads[i] = payload
-                if self.cache is not None:
-                    self.cache.put(keys[i], payload)
-        targets = SparseTargets.cat([decode(p) for p in payloads])
+        self.metrics.cache_misses.inc(len(missing))
+        if missing:
+            rows = sorted({units[i][0] for i in missing})
+            fetched = dict(zip(rows, self._fetch_rows(batch, rows)))
+            for i in missing:
+                r, s, e = units[i]
+                if batch.document_ids is None:
+                    payloads[i] = fetched[r]
+                else:  # one record per document segment
+                    part = decode(fetched[r])[s:e]
+                    payloads[i] = encode(part.pad_to(int(part.num_entries.max())),
+                                         extras=self.extras)
+                if cache is not None and self.write_cache:
+                    cache.put(keys[i], payloads[i])
+        targets = SparseTargets.cat([
+            decode(p) if p else SparseTargets.empty(
+                e - s, self.vocab_size, tail_from_counts=self.spec.proposal_t == 1.0)
+            for p, (_, s, e) in zip(payloads, units)])
         if self.device.type == "cuda":
             targets = _pinned(targets).to(self.device, non_blocking=True)
         return StepTargets(batch, targets, hits)
+
+    def _cache_for(self, document_mode: bool):
+        if self.cache is None or not isinstance(self.cache, (str, Path)):
+            return self.cache
+        with self._cache_lock:
+            if document_mode not in self._disk_caches:
+                ns = CacheNamespace(teacher_id=self.teacher_id,
+                                    tokenizer_fingerprint=self.tokenizer_fingerprint,
+                                    spec=self.spec, document_mode=document_mode)
+                self._disk_caches[document_mode] = TargetCache(
+                    self.cache, ns, writer_id=self.writer_id if self.write_cache else None)
+            return self._disk_caches[document_mode]
 
     def _fetch_rows(self, batch: PackedBatch, rows: list[int]) -> list[bytes]:
         docs = batch.document_ids[rows] if batch.document_ids is not None else None
@@ -251,6 +302,8 @@ class TeacherClient:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        for cache in self._disk_caches.values():
+            cache.close()
         for c in self._channels:
             c.close()
 

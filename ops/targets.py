@@ -94,6 +94,16 @@ class SparseTargets:
         return dense.scatter_add_(1, self.ids.long(), self.weights.float())
 
     @staticmethod
+    def empty(n: int, vocab_size: int, *, tail_from_counts: bool = True) -> SparseTargets:
+        """n positions without targets (e.g. padding): no entries, NaN extras."""
+        zi = torch.zeros(n, 0, dtype=torch.int32)
+        zn = torch.zeros(n, dtype=torch.int32)
+        nan = torch.full((n,), float("nan"))
+        return SparseTargets(ids=zi, weights=zi.float(), counts=zi, num_entries=zn, num_head=zn,
+                             draws=zn, tail_mass=torch.ones(n), entropy=nan, logprob=nan,
+                             vocab_size=vocab_size, tail_from_counts=tail_from_counts)
+
+    @staticmethod
     def cat(parts: list[SparseTargets]) -> SparseTargets:
         """Concatenate along positions, padding to the widest part."""
         if not parts:

@@ -85,3 +85,18 @@ def content_hash(tokens: torch.Tensor | np.ndarray) -> int:
 def signed64(key: int) -> int:
     """A fixed64 wire value as the int64 that `logitcast.ops` uses for row keys."""
     return key - (1 << 64) if key >= 1 << 63 else key
+
+
+def document_segments(document_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every run of equal document ids, row by row.
+
+    document_ids: int64 [B, T], non-decreasing within a row.
+    """
+    b, t = document_ids.shape
+    change = torch.ones(b, t, dtype=torch.bool, device=document_ids.device)
+    change[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    segments = []
+    for row, starts in enumerate(change.cpu().numpy()):
+        edges = [*starts.nonzero()[0].tolist(), t]
+        segments.extend((row, s, e) for s, e in zip(edges[:-1], edges[1:]))
+    return segments

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,6 +26,7 @@ from logitcast.server.engine import Engine, EngineConfig
 from logitcast.server.limits import RequestLimits
 from logitcast.server.metrics import TeacherMetrics
 from logitcast.server.service import TeacherServicer
+from logitcast.server.tee import CacheTee
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +82,16 @@ class TeacherServer:
         metrics_port: int | None = None,
         auth_token: str | None = None,
         tls: TLSConfig | None = None,
+        cache_dir: str | Path | None = None,
+        replica_id: str = "r0",
     ) -> TeacherServer:
+        """cache_dir: tee every served target into this cache (as writer `replica_id`)."""
         self = object.__new__(cls)
         self.limits = limits or RequestLimits()
         self.metrics = TeacherMetrics()
-        self.engine = Engine(backend, engine_config or EngineConfig(), self.metrics)
+        tee = (CacheTee(cache_dir, writer_id=replica_id, metrics=self.metrics)
+               if cache_dir is not None else None)
+        self.engine = Engine(backend, engine_config or EngineConfig(), self.metrics, tee)
         options = [("grpc.max_receive_message_length", self.limits.max_message_bytes),
                    ("grpc.max_send_message_length", self.limits.max_message_bytes)]
         interceptors = [BearerTokenAuth(auth_token)] if auth_token else []

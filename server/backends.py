@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
+from logitcast.protos.convert import document_segments
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -38,21 +40,6 @@ class TeacherBackend(Protocol):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, d] -> float32 logits [n, V] for one chunk of positions."""
-
-
-def document_segments(document_ids: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(row, start, end) of every run of equal document ids, row by row.
-
-    document_ids: int64 [B, T], non-decreasing within a row.
-    """
-    b, t = document_ids.shape
-    change = torch.ones(b, t, dtype=torch.bool, device=document_ids.device)
-    change[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    segments = []
-    for row, starts in enumerate(change.cpu().numpy()):
-        edges = [*starts.nonzero()[0].tolist(), t]
-        segments.extend((row, s, e) for s, e in zip(edges[:-1], edges[1:]))
-    return segments
 
 
 class TransformersBackend:

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from logitcast.cache import CacheNamespace, row_key
 from logitcast.ops import SparseTargets, TargetSpec, row_positions, sparsify
 from logitcast.ops.codec import encode
-from logitcast.protos.convert import content_hash, signed64
-from logitcast.server.backends import TeacherBackend, document_segments
+from logitcast.protos.convert import content_hash, document_segments, signed64
+from logitcast.server.backends import TeacherBackend
 from logitcast.server.errors import DrainingError, OverloadedError
 from logitcast.server.metrics import TeacherMetrics
+from logitcast.server.tee import CacheTee
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +90,8 @@ class Engine:
     """Batches jobs onto one teacher backend."""
 
     def __init__(self, backend: TeacherBackend, config: EngineConfig,
-                 metrics: TeacherMetrics) -> None:
-        self.backend, self.config, self.metrics = backend, config, metrics
+                 metrics: TeacherMetrics, tee: CacheTee | None = None) -> None:
+        self.backend, self.config, self.metrics, self.tee = backend, config, metrics, tee
         self._jobs: collections.deque[Job] = collections.deque()
         self._work = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
@@ -118,6 +120,8 @@ class Engine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.tee is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.tee.close)
 
     # ------------------------------------------------------------------ jobs
 
@@ -248,12 +252,35 @@ class Engine:
                          entropy="entropy" in job.extras)
                 for p in range(0, rn * seq, ppc)
             ]
-            payload = encode(SparseTargets.cat(parts), extras=job.extras)
+            targets = SparseTargets.cat(parts)
+            payload = encode(targets, extras=job.extras)
+            if self.tee is not None:
+                self._tee(job, targets, tokens[r0:r0 + rn], start + r0, payload if rn == 1 else None)
             self.metrics.tokens.inc(rn * seq)
             hashes = [content_hash(row) for row in tokens[r0:r0 + rn]]
             self._emit(job, (start + r0, rn, payload, hashes))
         if start + count >= job.rows:
             self._emit(job, DONE)
+
+    def _tee(self, job: Job, targets: SparseTargets, tokens: torch.Tensor, first_row: int,
+             row_payload: bytes | None) -> None:
+        """Cache records: one per row, or per document segment in document mode."""
+        assert self.tee is not None
+        b = self.backend
+        namespace = CacheNamespace(teacher_id=b.teacher_id, tokenizer_fingerprint=b.tokenizer_fingerprint,
+                                   spec=job.spec, document_mode=job.document_ids is not None)
+        seq = job.seq_len
+        if job.document_ids is None:
+            for i, row in enumerate(tokens):
+                payload = row_payload or encode(targets[i * seq:(i + 1) * seq], extras=job.extras)
+                self.tee.submit(namespace, row_key(row), payload)
+            return
+        docs = job.document_ids[first_row:first_row + len(tokens)]
+        for r, s, e in document_segments(docs):
+            part = targets[r * seq + s:r * seq + e]
+            width = int(part.num_entries.max())
+            self.tee.submit(namespace, row_key(tokens[r, s:e]),
+                            encode(part.pad_to(width), extras=job.extras))
 
     def _emit(self, job: Job, item: object) -> None:
         assert self._loop is not None

@@ -44,3 +44,14 @@ class TeacherMetrics:
                                   registry=r)
         self.serving = Gauge("logitcast_teacher_serving", "1 while accepting requests, 0 draining",
                              registry=r)
+        self.cache_records = Counter("logitcast_cache_records_written",
+                                     "Target records teed into the cache", registry=r)
+        self.cache_bytes = Counter("logitcast_cache_written_bytes",
+                                   "Payload bytes teed into the cache", registry=r)
+        self.cache_queue = Gauge("logitcast_cache_queue_records",
+                                 "Records waiting for the cache writer", registry=r)
+        self.cache_write_errors = Counter("logitcast_cache_write_errors",
+                                          "Records the cache writer failed to write", registry=r)
+        self.cache_backpressure_seconds = Counter(
+            "logitcast_cache_backpressure_seconds",
+            "Seconds serving waited for the cache writer to catch up", registry=r)

@@ -1,9 +1,6 @@
 import numpy as np
-import pytest
 
 from logitcast.client.shards import ShardWriter, TokenCorpus
-
-TINY_FINGERPRINT = None  # filled from the tiny backend in fixtures
 
 
 def write_corpus(directory, vocab=1000, docs=60, seed=0, fingerprint="fp", eos=1):
@@ -14,8 +11,3 @@ def write_corpus(directory, vocab=1000, docs=60, seed=0, fingerprint="fp", eos=1
         w.commit_source(f"doc-{i}")
     w.flush()
     return TokenCorpus(directory)
-
-
-@pytest.fixture
-def corpus(tmp_path, tiny_backend):
-    return write_corpus(tmp_path / "tokens", fingerprint=tiny_backend.tokenizer_fingerprint)
