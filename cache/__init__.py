@@ -12,7 +12,8 @@ from logitcast.cache.store import (
     CacheWriter,
     LocalStorage,
     TargetCache,
+    list_namespaces,
 )
 
 __all__ = ["CacheCorruptError", "CacheNamespace", "CacheReader", "CacheWriter", "LocalStorage",
-           "TargetCache", "row_key"]
+           "TargetCache", "list_namespaces", "row_key"]

@@ -157,6 +157,19 @@ def check_shard_header(data: bytes, shard: str) -> None:
         raise CacheCorruptError(f"{shard}: not a version-{FORMAT_VERSION} cache shard")
 
 
+def list_namespaces(root: str | Path) -> list[CacheNamespace]:
+    """Every namespace with a readable manifest under `root`."""
+    out = []
+    for d in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
+        m = d / MANIFEST
+        if m.is_file():
+            try:
+                out.append(CacheNamespace.from_dict(json.loads(m.read_text())))
+            except (ValueError, json.JSONDecodeError):
+                logger.warning("%s: unreadable manifest, skipped", m)
+    return out
+
+
 def _open_namespace(storage: LocalStorage, ns: CacheNamespace, create: bool) -> str:
     directory = ns.name
     manifest = f"{directory}/{MANIFEST}"

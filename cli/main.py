@@ -17,6 +17,7 @@ VERBS = {
     "prepare-teacher": ("prepare_teacher", "convert the embedded SmolLM2 teacher to a fast cache"),
     "serve": ("serve", "run a teacher server (gRPC) until SIGTERM, then drain"),
     "tokenize": ("tokenize", "text files, JSONL, Parquet or HF datasets -> token shards"),
+    "cache": ("cache", "stats | verify | compact | export a target cache"),
 }
 
 
