@@ -165,3 +165,15 @@ def test_inconsistent_targets_are_refused_at_encode():
         encode(bad_draws)
     with pytest.raises(ValueError, match="unknown extras"):
         encode(t, extras=("nope",))
+
+
+def test_decode_many_equals_decoding_one_by_one():
+    from logitcast.ops.codec import decode_many
+
+    parts = [rs_targets(49152, n=7 + i, draws=40 + i, entries=3 + i % 4) for i in range(5)]
+    payloads = [encode(p) for p in parts]
+    many = decode_many(payloads)
+    one = SparseTargets.cat([decode(p) for p in payloads])
+    assert encode(many) == encode(one.pad_to(many.width))
+    mixed = [encode(rs_targets(151936, n=3, draws=d)) for d in (40, 128)]  # 3- and 4-byte
+    assert len(decode_many(mixed)) == 6
