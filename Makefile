@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 .PHONY: demo test install protos
 
 demo: $(STAMP)
-	$(BIN)/python bench/sparse.py
+	$(BIN)/logitcast demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .
