@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)  # "on one core"
-    rows = 64 if args.quick else 1024
+    rows = 64 if args.quick else 256
     logits = zipf_logits(8 * SEQ if not args.quick else 2 * SEQ, 49152)
     root = Path(tempfile.mkdtemp(prefix="logitcast-bench-cache-"))
     try:

@@ -9,10 +9,8 @@ is an error naming the step and row, never silently zero targets.
 
 from __future__ import annotations
 
-import collections
-import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -20,7 +18,7 @@ import torch
 from logitcast.cache import CacheNamespace, CacheReader, row_key
 from logitcast.client.metrics import ClientMetrics
 from logitcast.client.packing import PackedBatch
-from logitcast.client.teacher_client import StepTargets, batch_units, is_padding
+from logitcast.client.teacher_client import StepTargets, batch_units, is_padding, prefetched
 from logitcast.ops import SparseTargets, TargetSpec
 from logitcast.ops.codec import decode
 from logitcast.ops.derive import can_derive, derive
@@ -85,21 +83,8 @@ class CacheSource:
         return torch.full((n,), key, dtype=torch.int64), pos
 
     def stream(self, batches: Iterable[PackedBatch]) -> Iterator[StepTargets]:
-        pending: collections.deque[Future] = collections.deque()
-        it = iter(batches)
-        while True:
-            while len(pending) < self.prefetch:
-                nxt = next(it, None)
-                if nxt is None:
-                    break
-                pending.append(self._pool.submit(self.fetch, nxt))
-            if not pending:
-                return
-            t0 = time.perf_counter()
-            item = pending.popleft().result()
-            self.metrics.wait_seconds.inc(time.perf_counter() - t0)
-            self.metrics.steps.inc()
-            yield item
+        """Targets for `batches` in order, read `prefetch` steps ahead."""
+        return prefetched(self.fetch, batches, self._pool, self.prefetch, self.metrics)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

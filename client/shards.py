@@ -14,11 +14,12 @@ adds EOS. This module knows nothing about packing or teachers.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from logitcast.cache import LocalStorage
 
 FORMAT, VERSION = "logitcast-tokens", 1
 MANIFEST = "manifest.json"
@@ -26,15 +27,6 @@ MANIFEST = "manifest.json"
 
 class ShardError(ValueError):
     """A shard directory is missing, corrupt, or does not match what was asked for."""
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -92,13 +84,13 @@ class ShardWriter:
         lengths = np.array([d.size for d in self._docs], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
         tokens = (np.concatenate(self._docs) if self._docs else np.zeros(0, np.int64))
-        _atomic_write(self.directory / f"{name}.tokens", tokens.astype(self.dtype).tobytes())
-        _atomic_write(self.directory / f"{name}.offsets", offsets.tobytes())
+        storage = LocalStorage(self.directory)
+        storage.write_atomic(f"{name}.tokens", tokens.astype(self.dtype).tobytes())
+        storage.write_atomic(f"{name}.offsets", offsets.tobytes())
         self._manifest["shards"].append({"name": name, "documents": int(lengths.size),
                                          "tokens": int(tokens.size)})
         self._manifest["done_sources"].extend(self._sources)
-        _atomic_write(self.directory / MANIFEST,
-                      json.dumps(self._manifest, indent=1).encode())
+        storage.write_atomic(MANIFEST, json.dumps(self._manifest, indent=1).encode())
         self._docs, self._sources = [], []
 
 

@@ -78,6 +78,33 @@ class MemoryTargetCache:
         return len(self._data)
 
 
+def prefetched(fetch, batches: Iterable[PackedBatch], pool: ThreadPoolExecutor, depth: int,
+               metrics: ClientMetrics) -> Iterator[StepTargets]:
+    """fetch(batch) for each batch, `depth` ahead on `pool`, yielded in order exactly once;
+    the time the consumer waits is counted in `metrics.wait_seconds`."""
+    pending: collections.deque[Future] = collections.deque()
+    it = iter(batches)
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(pending) < depth:
+                nxt = next(it, None)
+                if nxt is None:
+                    exhausted = True
+                else:
+                    pending.append(pool.submit(fetch, nxt))
+            if not pending:
+                return
+            t0 = time.perf_counter()
+            result = pending.popleft().result()
+            metrics.wait_seconds.inc(time.perf_counter() - t0)
+            metrics.steps.inc()
+            yield result
+    finally:
+        for f in pending:
+            f.cancel()
+
+
 def batch_units(batch: PackedBatch) -> list[tuple[int, int, int]]:
     """(row, start, end) of every cache unit: whole rows, or document segments."""
     t = batch.input_ids.shape[1]
@@ -184,27 +211,7 @@ class TeacherClient:
 
     def stream(self, batches: Iterable[PackedBatch]) -> Iterator[StepTargets]:
         """Targets for `batches` in order, fetching `prefetch` steps ahead."""
-        pending: collections.deque[Future] = collections.deque()
-        it = iter(batches)
-        exhausted = False
-        try:
-            while True:
-                while not exhausted and len(pending) < self.prefetch:
-                    nxt = next(it, None)
-                    if nxt is None:
-                        exhausted = True
-                    else:
-                        pending.append(self._pool.submit(self.fetch, nxt))
-                if not pending:
-                    return
-                t0 = time.perf_counter()
-                result = pending.popleft().result()
-                self.metrics.wait_seconds.inc(time.perf_counter() - t0)
-                self.metrics.steps.inc()
-                yield result
-        finally:
-            for f in pending:
-                f.cancel()
+        return prefetched(self.fetch, batches, self._pool, self.prefetch, self.metrics)
 
     def fetch(self, batch: PackedBatch) -> StepTargets:
         """One step's targets now (cache first, then the fleet).

@@ -28,6 +28,7 @@ quantised weight. The codec knows nothing about how targets were made.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -298,7 +299,8 @@ def _assemble(p: _Parsed) -> SparseTargets:
             row = np.repeat(np.arange(n), p.n_tail)
             weights[flat] = _log_value(tail_up >> tail_cbits, tail_wbits) * p.tail_mass[row]
         elif not head_bytes:  # count / draws * tail mass, dense over [n, width]
-            weights = (counts.reshape(n, width) * scale[:, None].astype(np.float32)).reshape(-1)
+            weights = (counts.reshape(n, width).astype(np.float32)
+                       * scale[:, None].astype(np.float32)).reshape(-1)
         else:
             row = np.repeat(np.arange(n), p.n_tail)
             weights[flat] = c * scale[row].astype(np.float32)
@@ -365,10 +367,17 @@ def _unpack(raw: np.ndarray) -> np.ndarray:
 
 
 def _log_value(code: np.ndarray, bits: int) -> np.ndarray:
+    """float32 weights of log codes: a table lookup (codes have at most 16 bits here)."""
+    return _log_table(bits)[code & ((1 << bits) - 1)]
+
+
+@functools.lru_cache(maxsize=8)
+def _log_table(bits: int) -> np.ndarray:
     top = (1 << bits) - 2
-    code = code & ((1 << bits) - 1)
-    w = np.exp(-code.astype(np.float64) * (LOG_RANGE / top)).astype(np.float32)
-    return np.where(code > top, np.float32(0.0), w)
+    table = np.exp(-np.arange(top + 2, dtype=np.float64) * (LOG_RANGE / top)).astype(np.float32)
+    table[top + 1] = 0.0
+    table.setflags(write=False)
+    return table
 
 
 def _flat_index(lengths: np.ndarray, starts: np.ndarray) -> np.ndarray:

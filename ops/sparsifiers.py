@@ -255,7 +255,7 @@ def _exact_topk(logp: torch.Tensor, k: int) -> torch.Tensor:
 def draws_for_unique(
     q: torch.Tensor, target: float, max_draws: int, total: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """int64 [n]: the fewest draws D <= max_draws with E[#distinct tokens] >= target.
+    """int64 [n]: the draws D <= max_draws whose E[#distinct tokens] is closest to target.
 
     q: float [n, V] proposal, unnormalised is fine; total: its row sums if known
     (float64 [n]), else computed. E[unique](D) = sum_i 1 - (1 - q_i)^D, exact over the
@@ -285,7 +285,11 @@ def draws_for_unique(
         ok = expected_unique(mid) >= target
         hi = torch.where(ok, mid, hi)
         lo = torch.where(ok, lo, mid + 1)
-    return lo
+    # lo is the fewest draws reaching the target; one fewer may land closer to it, so the
+    # average number of distinct tokens matches the target rather than exceeding it
+    below = (lo - 1).clamp_min(1)
+    closer = (target - expected_unique(below)) < (expected_unique(lo) - target)
+    return torch.where(closer & (lo > 1), below, lo)
 
 
 def inverse_cdf(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,8 @@ def assert_round_trip(st_: SparseTargets, extras=("logprob", "entropy")) -> byte
     payload = encode(st_, extras=extras)
     back = decode(payload)
     assert back.vocab_size == st_.vocab_size
+    assert back.weights.dtype == torch.float32
+    assert back.ids.dtype == back.counts.dtype == torch.int32
     assert len(back) == len(st_)
     assert torch.equal(back.num_entries, st_.num_entries)
     assert torch.equal(back.num_head, st_.num_head)
