@@ -398,9 +398,10 @@ class CacheReader:
                 (key, _), = scan_records(rec, shard, start=0)
                 yield key, rec[_REC_HEAD.size:-_CRC.size]
 
-    def verify(self) -> list[str]:
+    def verify(self, progress=lambda keys: keys) -> list[str]:
         """Re-check every shard's structure and every indexed record's checksum; one line
-        per problem, naming the shard and offset."""
+        per problem, naming the shard and offset. `progress` wraps the key iterable
+        (e.g. a tqdm bar)."""
         self.refresh()
         problems: list[str] = []
         if self.dir is None:
@@ -414,7 +415,7 @@ class CacheReader:
                     list(scan_records(data, full, strict=name.endswith(".shard")))
                 except (CacheCorruptError, FileNotFoundError) as exc:
                     problems.append(str(exc))
-        for key in self.keys():
+        for key in progress(self.keys()):
             try:
                 self.get(key)
             except CacheCorruptError as exc:

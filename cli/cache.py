@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{sum(f.endswith('.shard') for f in files)} sealed + "
                   f"{sum(f.endswith('.open') for f in files)} open shards, {size / 1e6:.1f} MB")
         elif args.action == "verify":
-            problems = reader.verify()
+            problems = reader.verify(
+                lambda keys: tqdm(keys, desc=f"verify {ns.name}", unit="rec", leave=False))
             for line in problems:
                 print(f"BAD {line}")
             print(f"{ns.name}: {len(reader)} records, {len(problems)} problems")
