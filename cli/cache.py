@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{sum(f.endswith('.open') for f in files)} open shards, {size / 1e6:.1f} MB")
         elif args.action == "verify":
             problems = reader.verify(
-                lambda keys: tqdm(keys, desc=f"verify {ns.name}", unit="rec", leave=False))
+                lambda keys, name=ns.name: tqdm(keys, desc=f"verify {name}", unit="rec", leave=False))
             for line in problems:
                 print(f"BAD {line}")
             print(f"{ns.name}: {len(reader)} records, {len(problems)} problems")
