@@ -282,7 +282,10 @@ def _assemble(p: _Parsed) -> SparseTargets:
     ids = np.zeros(n * width, np.int32)
     weights = np.zeros(n * width, np.float32)
     counts = np.zeros(n * width, np.int32)
-    if head_bytes:
+    if head_bytes and not tail_bytes and len(head_ids) == n * width:  # fixed k: a reshape
+        ids = head_ids.astype(np.int32)
+        weights = _log_value(head_up, head_wbits)
+    elif head_bytes:
         flat = _flat_index(p.n_head, np.arange(n) * width)
         ids[flat] = head_ids
         weights[flat] = _log_value(head_up, head_wbits)
