@@ -41,8 +41,9 @@ class TeacherServicer(pb_grpc.TeacherServicer):
     async def Distill(self, request: pb.DistillRequest, context: grpc.aio.ServicerContext):
         t0, job, code = time.perf_counter(), None, grpc.StatusCode.OK
         try:
-            job = self._admit(request)
-            self.engine.submit(job)
+            admitted = self._admit(request)
+            self.engine.submit(admitted)
+            job = admitted  # from here on the engine holds it and `finish` must release it
             self.metrics.inflight.inc()
             while True:
                 item = await job.queue.get()
@@ -62,8 +63,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             await context.abort(code, str(exc))
         finally:
             if job is not None:
-                if not job.cancelled:
-                    self.metrics.inflight.dec()
+                self.metrics.inflight.dec()
                 self.engine.finish(job)
             self.metrics.requests.labels("Distill", code.name).inc()
 

@@ -119,7 +119,9 @@ def test_over_capacity_is_resource_exhausted(tiny_backend):
             stub = pb_grpc.TeacherStub(ch)
             expect_code(stub, distill_request(tokens_for(rows=4, seq=32)),
                         grpc.StatusCode.RESOURCE_EXHAUSTED, "max_queue_tokens=100")
+            assert s.server.engine.active_jobs == 0  # a refused request holds nothing
             assert len(payloads(stub, tokens_for(rows=2, seq=32))) == 1
+            assert s.server.metrics.inflight._value.get() == 0
     finally:
         s.close()
 
