@@ -1,7 +1,8 @@
 """Streaming benchmark: does a student wait on the teacher fleet?
 
-A student loop with a fixed compute time per step (a sleep: the CPU stays free
-for the teacher, as a GPU student would leave it) is fed
+A student loop with a fixed compute time per step (a sleep of 1.5x the teacher's
+own time per step, so teacher capacity is above demand; the CPU stays free for
+the teacher, as a GPU student would leave it) is fed
 (a) online: a TeacherClient with prefetch, from a TeacherServer on loopback;
 (b) offline: the same steps' targets, precomputed and held in memory.
 Reports the fraction of wall time the online loop waited on targets (the first
@@ -31,6 +32,10 @@ from logitcast.client.teacher_client import TeacherClient
 from logitcast.ops import TargetSpec
 from logitcast.server.app import TeacherServer
 from logitcast.server.backends import TransformersBackend
+
+#: Teacher capacity over demand: the simulated student step lasts this many times the
+#: time the teacher needs for one step alone.
+CAPACITY = 1.5
 
 
 def build_corpus(directory: Path, backend, quick: bool) -> TokenCorpus:
@@ -64,10 +69,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         backend = TransformersBackend.tiny_random(vocab_size=4096, hidden=128, layers=4)
-        steps, step_s, seq, batch = 40, 0.1, 256, 4
+        steps, seq, batch = 40, 256, 4
     else:
         backend = TransformersBackend.from_pretrained("default", dtype="bf16")
-        steps, step_s, seq, batch = 30, 1.5, 256, 4
+        steps, seq, batch = 30, 256, 4
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="logitcast-bench-stream-"))
@@ -86,6 +91,7 @@ def main() -> None:
     for s in range(3):
         client.fetch(packer.batch(10_000 + s))
     teacher_step_s = (time.perf_counter() - t0) / 3
+    step_s = CAPACITY * teacher_step_s  # the student's compute per step: demand < capacity
 
     # (b) offline: targets precomputed in memory, then the same loop
     offline_targets = [client.fetch(packer.batch(s)).targets for s in range(steps)]
