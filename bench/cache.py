@@ -7,7 +7,7 @@ read back with `CacheReader.scan()` + decode into the tensors a student uses,
 on one core. Baseline in the same run: what a user would write without
 logitcast, a dict of torch tensors (int64 ids, float32 weights, fixed width)
 saved with `torch.save` per batch of rows and read with
-`torch.load(weights_only=True)`.
+`torch.load(weights_only=True)`. Read+decode is the best of three passes.
 
     python bench/cache.py [--quick]
 
@@ -60,10 +60,12 @@ def run(name: str, spec: TargetSpec, logits: torch.Tensor, rows: int, root: Path
     positions = rows * SEQ
 
     reader = CacheReader(root / name, ns)
-    t0 = time.perf_counter()
-    got = [p for _, p in reader.scan()]
-    decoded = decode_many(got)
-    read_s = time.perf_counter() - t0
+    read_s = float("inf")
+    for _ in range(3):  # best of 3: the machine is shared
+        t0 = time.perf_counter()
+        got = [p for _, p in reader.scan()]
+        decoded = decode_many(got)
+        read_s = min(read_s, time.perf_counter() - t0)
     assert len(decoded) == positions
     t0 = time.perf_counter()
     for p in got[: max(1, len(got) // 4)]:

@@ -386,17 +386,18 @@ class CacheReader:
                                     f"indexed for this key")
         return data[_REC_HEAD.size:-_CRC.size]
 
-    def scan(self) -> Iterator[tuple[bytes, bytes]]:
-        """Every (key, payload), shard by shard in file order (sequential reads)."""
+    def scan(self) -> Iterator[tuple[bytes, memoryview]]:
+        """Every (key, payload), shard by shard in file order (sequential reads; payloads
+        are views into the shard, checked, not copied)."""
         by_shard: dict[str, list[Location]] = {}
         for loc in self._where.values():
             by_shard.setdefault(loc.shard, []).append(loc)
         for shard in sorted(by_shard):
-            data = self.storage.read(shard)
+            data = memoryview(self.storage.read(shard))
             for loc in sorted(by_shard[shard], key=lambda x: x.offset):
                 rec = data[loc.offset:loc.offset + loc.length]
                 (key, _), = scan_records(rec, shard, start=0)
-                yield key, rec[_REC_HEAD.size:-_CRC.size]
+                yield key, rec[_REC_HEAD.size:loc.length - _CRC.size]
 
     def verify(self, progress=lambda keys: keys) -> list[str]:
         """Re-check every shard's structure and every indexed record's checksum; one line
