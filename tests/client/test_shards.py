@@ -69,3 +69,17 @@ def test_mismatches_and_corruption_are_refused(tmp_path):
         TokenCorpus(tmp_path)
     with pytest.raises(ShardError, match="not a token shard directory"):
         TokenCorpus(tmp_path / "nowhere")
+
+
+def test_tokenize_parquet_rows(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a b", "c d e", "f"], "id": [1, 2, 3]}),
+                   tmp_path / "docs.parquet", row_group_size=2)
+    out = tmp_path / "out"
+    tokenize_sources(list_sources([tmp_path / "docs.parquet"]), out, WhitespaceTokenizer(), "ws",
+                     vocab_size=1000)
+    corpus = TokenCorpus(out)
+    assert corpus.num_documents == 3
+    assert corpus.num_tokens == 6
