@@ -124,10 +124,8 @@ class Packer:
             out.append(piece)
             pos += len(piece)
             i += 1
-        stream = torch.from_numpy(np.concatenate(out))
-        if len(stream) < t + 1:  # the epoch's last row: no next token after the stream
-            stream = torch.cat([stream, torch.full((t + 1 - len(stream),), IGNORE)])
-        return stream[:t].clamp_min(0), stream[1:], None
+        stream = torch.from_numpy(np.concatenate(out))  # t + 1 tokens: rows_per_epoch fits
+        return stream[:t], stream[1:], None
 
     # ------------------------------------------------------------------ document mode
 

@@ -61,10 +61,8 @@ def _plan(have: TargetSpec, want: TargetSpec) -> str:
             and have.proposal_t == want.proposal_t and have.temperature == want.temperature
             and (have.method == "sample" or have.k_head == want.k_head)):
         return "thin"
-    if have.method in ("topk", "top_p_k") and want.method == "topk":
-        smaller = want.k < have.k if have.method == "topk" else (have.p == 1.0 and want.k <= have.k)
-        if want.k == have.k and have.method == "topk":
-            smaller = True
-        if smaller:
-            return "truncate" if have.temperature == want.temperature else "truncate+retemper"
+    # top-p-k with p < 1 may have cut a position below k entries: only p = 1 is a top-k
+    exact_topk = have.method == "topk" or (have.method == "top_p_k" and have.p == 1.0)
+    if exact_topk and want.method == "topk" and want.k <= have.k:
+        return "truncate" if have.temperature == want.temperature else "truncate+retemper"
     raise ValueError(f"cannot derive targets for {want.key()} from stored {have.key()}")
