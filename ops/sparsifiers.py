@@ -88,10 +88,18 @@ def check_spec_vocab(spec: TargetSpec, vocab: int) -> None:
         raise InvalidSpecError(f"k_head={spec.k_head} exceeds the vocabulary size {vocab}")
 
 
-def _check_finite(x: torch.Tensor, offset: int) -> None:
+def _log(v: torch.Tensor) -> torch.Tensor:
+    """Elementwise log of a short [n] vector, batch-invariant: every element goes through
+    the same (SIMD) code path because each is computed in a 16-wide row of copies (one
+    thread below 2,048 elements: sparsify chunks are far smaller)."""
+    return torch.log(v[:, None].expand(len(v), 16).contiguous())[:, 0]
+
+
+def _check_finite(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """float [n] row maxima, after checking every row has them finite."""
     top = x.amax(dim=1)  # NaN propagates; +inf shows; -inf means no finite logit
     if bool(torch.isfinite(top).all()):
-        return
+        return top
     bad = torch.isnan(x) | torch.isposinf(x)
     if bool(bad.any()):
         row, col = (int(i) for i in bad.nonzero()[0])
@@ -122,26 +130,24 @@ def _sparsify_chunk(
         x = logits.new_empty(n, -(-vocab // _BLOCK) * _BLOCK, dtype=torch.float32)
         x[:, :vocab] = logits
         x[:, vocab:] = float("-inf")
-    _check_finite(x, offset)
-    # softmax / log_softmax run one row at a time; an elementwise exp() would not be
-    # batch-invariant on CPU (SIMD body vs scalar tail give different last bits).
-    logp1 = torch.log_softmax(x, dim=1)
+    x_max = _check_finite(x, offset)
+    # softmax / log_softmax run one row at a time; an elementwise exp() over [n, V] would
+    # not be batch-invariant on CPU (SIMD body vs scalar tail give different last bits).
     p1 = torch.softmax(x, dim=1)
     if with_entropy:
+        logp1 = torch.log_softmax(x, dim=1)
         entropy = -row_sum((p1 * logp1).nan_to_num_(0.0))  # 0 * -inf counts as 0
+        del logp1
     else:
         entropy = torch.full((n,), float("nan"), device=x.device)
     logprob = torch.full((n,), float("nan"), device=x.device)
-    if labels is not None:
+    if labels is not None:  # log p(label) = x[label] - x_max + log p_max: no [n, V] log pass
         known = labels >= 0
-        got = logp1.gather(1, labels.clamp_min(0).long()[:, None])[:, 0]
-        logprob = torch.where(known, got, logprob)
-    if spec.temperature != 1.0:
-        logp = torch.log_softmax(x / spec.temperature, dim=1)
-        p = torch.softmax(x / spec.temperature, dim=1)
-    else:
-        logp, p = logp1, p1
-    del p1, logp1
+        got = x.gather(1, labels.clamp_min(0).long()[:, None])[:, 0] - x_max
+        logprob = torch.where(known, got + _log(p1.amax(dim=1)), logprob)
+    scaled = x / spec.temperature if spec.temperature != 1.0 else x
+    p = torch.softmax(scaled, dim=1) if spec.temperature != 1.0 else p1
+    del p1
 
     zeros_n = torch.zeros(n, dtype=torch.int32, device=p.device)
     extras = {"entropy": entropy, "logprob": logprob, "vocab_size": vocab}
@@ -168,7 +174,7 @@ def _sparsify_chunk(
                              num_head=num, draws=zeros_n, tail_mass=tail, **extras)
     if spec.method == "sample":
         ones = torch.ones(n, dtype=torch.float64, device=p.device)
-        q = p if spec.proposal_t == 1.0 else torch.softmax(logp * spec.proposal_t, dim=1)
+        q = p if spec.proposal_t == 1.0 else torch.softmax(scaled * spec.proposal_t, dim=1)
         ids, w, counts, num, draws = _sample(p, q, ones, spec, keys, pos)
         return SparseTargets(ids=ids, weights=w, counts=counts, num_entries=num,
                              num_head=zeros_n, draws=draws, tail_mass=ones.float(),
@@ -181,7 +187,7 @@ def _sparsify_chunk(
     if spec.proposal_t == 1.0:
         q = tail_p
     else:
-        q = torch.softmax(logp.scatter(1, head, float("-inf")) * spec.proposal_t, dim=1)
+        q = torch.softmax(scaled.scatter(1, head, float("-inf")) * spec.proposal_t, dim=1)
     ids, w, counts, num, draws = _sample(tail_p, q, tail_mass, spec, keys, pos)
     k_head = torch.full((n,), spec.k_head, dtype=torch.int32, device=p.device)
     return SparseTargets(
@@ -219,7 +225,7 @@ def _blocked(x: torch.Tensor) -> torch.Tensor:
     return out.view(n, nb, _BLOCK)
 
 
-def ordered_topk(logp: torch.Tensor, k: int) -> torch.Tensor:
+def ordered_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     """int64 [n, k] ids of the k largest values per row, by descending value, ties to
     the lower id, so the choice is independent of the topk kernel, batch and device.
 
@@ -227,27 +233,27 @@ def ordered_topk(logp: torch.Tensor, k: int) -> torch.Tensor:
     differ; rows with a tie across that boundary are re-ranked on an exact int64 key
     (order-preserving float bits, then reversed id).
     """
-    n, vocab = logp.shape
-    logp = logp.float()
-    vals, ids = logp.topk(min(k + 1, vocab), dim=1, sorted=True)
+    n, vocab = x.shape
+    x = x.float()
+    vals, ids = x.topk(min(k + 1, vocab), dim=1, sorted=True)
     if k < vocab:
         boundary_tie = vals[:, k - 1] == vals[:, k]
         vals, ids = vals[:, :k], ids[:, :k]
         if bool(boundary_tie.any()):
             rows = boundary_tie.nonzero()[:, 0]
             ids = ids.clone()
-            ids[rows] = _exact_topk(logp[rows], k)
-            vals = logp.gather(1, ids)
+            ids[rows] = _exact_topk(x[rows], k)
+            vals = x.gather(1, ids)
     ids, order = ids.sort(dim=1)
     vals = vals.gather(1, order)
     order = vals.sort(dim=1, descending=True, stable=True).indices
     return ids.gather(1, order)
 
 
-def _exact_topk(logp: torch.Tensor, k: int) -> torch.Tensor:
-    bits = logp.contiguous().view(torch.int32)
+def _exact_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    bits = x.contiguous().view(torch.int32)
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    ids = torch.arange(logp.shape[1], device=logp.device, dtype=torch.int64)
+    ids = torch.arange(x.shape[1], device=x.device, dtype=torch.int64)
     key = ordered * MAX_VOCAB + (MAX_VOCAB - 1 - ids)
     return key.topk(k, dim=1, sorted=True).indices
 
