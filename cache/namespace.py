@@ -9,6 +9,7 @@ mode one document piece's tokens.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ class CacheNamespace:
         except (KeyError, TypeError) as exc:
             raise ValueError(f"bad cache namespace manifest: {exc}") from exc
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         """Directory name: a stable hash of the fields."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()

@@ -23,6 +23,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -193,14 +194,17 @@ class CacheWriter:
     """Appends records to this writer's shards in one namespace. Thread-safe."""
 
     def __init__(self, root: str | Path | LocalStorage, namespace: CacheNamespace, *,
-                 writer_id: str = "w0", shard_bytes: int = 256 << 20) -> None:
+                 writer_id: str = "w0", shard_bytes: int = 256 << 20,
+                 skip_existing: bool = True) -> None:
+        """skip_existing: `put` ignores keys any writer already stored in the namespace
+        (False only for rewriting a namespace, as `logitcast cache compact` does)."""
         if not writer_id or not writer_id.replace("_", "").isalnum():
             raise ValueError(f"writer_id must be alphanumeric (and _), got {writer_id!r}")
         self.storage = root if isinstance(root, LocalStorage) else LocalStorage(root)
         self.namespace, self.writer_id, self.shard_bytes = namespace, writer_id, shard_bytes
         self.dir = _open_namespace(self.storage, namespace, create=True)
         self._lock = threading.Lock()
-        self._keys = set(CacheReader(self.storage, namespace).keys())
+        self._keys = set(CacheReader(self.storage, namespace).keys()) if skip_existing else set()
         mine = [n for n in self.storage.list(self.dir) if n.startswith(f"{writer_id}-")]
         seqs = [int(n.split("-")[1].split(".")[0]) for n in mine if n.endswith((".open", ".shard"))]
         self._seq = max(seqs, default=-1)
@@ -437,8 +441,6 @@ class TargetCache:
 
     def get(self, key: bytes) -> bytes | None:
         if key not in self.reader:
-            import time
-
             now = time.monotonic()
             if now - self._last_refresh < self._refresh_s:
                 return None

@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
             old = [f for f in files if f.endswith((".shard", ".index", ".open"))]
             writer_id = f"compact{int(time.time())}"
             kept = 0
-            with CacheWriter(args.root, ns, writer_id=writer_id) as writer:
-                writer._keys.clear()  # rewrite everything once, skipping damaged records
+            # rewrite every readable record once into fresh shards, dropping damaged ones
+            with CacheWriter(args.root, ns, writer_id=writer_id, skip_existing=False) as writer:
                 for key in tqdm(reader.keys(), desc=f"compact {ns.name}", unit="rec"):
                     try:
                         payload = reader.get(key)

@@ -14,6 +14,7 @@ It knows nothing about training: it takes `PackedBatch`es, gives `StepTargets`.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import random
 import threading
@@ -322,8 +323,6 @@ class TeacherClient:
 
 
 def _pinned(t: SparseTargets) -> SparseTargets:
-    import dataclasses
-
     return dataclasses.replace(t, **{
         f.name: getattr(t, f.name).pin_memory() for f in dataclasses.fields(t)
         if isinstance(getattr(t, f.name), torch.Tensor)})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -154,8 +155,6 @@ class TeacherServer:
 
 async def serve_until_signal(server: TeacherServer, grace_s: float = 30.0) -> None:
     """Run until SIGTERM/SIGINT, then drain gracefully."""
-    import signal
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
