@@ -18,6 +18,7 @@ VERBS = {
     "serve": ("serve", "run a teacher server (gRPC) until SIGTERM, then drain"),
     "tokenize": ("tokenize", "text files, JSONL, Parquet or HF datasets -> token shards"),
     "cache": ("cache", "stats | verify | compact | export a target cache"),
+    "train": ("train", "train a student with DeepSpeed on online, cached or no targets"),
     "demo": ("demo", "the pipeline end to end with the embedded teacher"),
 }
 

@@ -1,0 +1,42 @@
+"""Prometheus metrics of one trainer rank, all defined here.
+
+One registry per rank holds these and the rank's `ClientMetrics`
+(`logitcast_client_wait_seconds_total` is the wait-on-teacher time), served
+on /metrics at `port + local_rank`. Labels are few and fixed: `part` of the
+loss (total, lm, kd) and `metric` of the eval.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from logitcast.client.metrics import ClientMetrics
+
+
+class TrainerMetrics:
+    """Per-rank trainer metrics in `registry` (a fresh one by default)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.client = ClientMetrics(r)
+        self.tokens = Counter("logitcast_trainer_tokens", "Tokens trained on by this rank",
+                              registry=r)
+        self.steps = Counter("logitcast_trainer_steps", "Optimizer steps taken", registry=r)
+        self.step = Gauge("logitcast_trainer_step", "Current optimizer step", registry=r)
+        self.step_seconds = Counter("logitcast_trainer_step_seconds",
+                                    "Seconds spent in steps, waits included", registry=r)
+        self.loss = Gauge("logitcast_trainer_loss", "Last step's loss by part", ["part"],
+                          registry=r)
+        self.alpha = Gauge("logitcast_trainer_alpha", "KD weight alpha of the last step",
+                           registry=r)
+        self.lr = Gauge("logitcast_trainer_lr", "Learning rate of the last step", registry=r)
+        self.tokens_per_second = Gauge("logitcast_trainer_tokens_per_second",
+                                       "Tokens/s of the last step on this rank", registry=r)
+        self.eval = Gauge("logitcast_trainer_eval", "Last held-out evaluation by metric",
+                          ["metric"], registry=r)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Start /metrics on host:port (port 0: any free port); returns the bound port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
