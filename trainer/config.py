@@ -69,7 +69,7 @@ class StudentConfig:
 class TeacherConfig:
     """Where the soft targets come from."""
 
-    source: str = "online"
+    source: str = "none"
     """online (teacher servers), cache (a target cache, no teacher) or none (CE only)."""
     addresses: list[str] = field(default_factory=list)
     """online: host:port of each teacher server (or the Ray Serve proxy)."""
@@ -268,6 +268,9 @@ class TrainConfig:
 
     steps: int = 100
     """Optimizer steps."""
+    stop_at: int | None = None
+    """Stop at this step (checkpointed) without finishing: a time-boxed job that a later
+    run resumes. The schedules still span `steps`."""
     output_dir: str = "runs/student"
     """Checkpoints, log.jsonl and the exported student go here."""
     save_every: int = 0
@@ -289,8 +292,9 @@ class TrainConfig:
     export_tokenizer: str | None = None
     """Also save this tokenizer with the student: 'default' (embedded teacher's) or a path."""
     student: StudentConfig = field(default_factory=StudentConfig)
-    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(source="none"))
-    data: DataConfig = field(default_factory=lambda: DataConfig(train_tokens="tokens"))
+    data: DataConfig
+    """Required: at least data.train_tokens."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -304,6 +308,8 @@ class TrainConfig:
         _check_schedule("loss.alpha", self.loss.alpha, self.steps, ALPHA_SCHEDULES)
         _check_schedule("optim.lr", self.optim.lr, self.steps, LR_SCHEDULES)
         _positive("save_every", self.save_every, allow_zero=True)
+        if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
+            raise ConfigError(f"stop_at must be in [1, steps={self.steps}], got {self.stop_at}")
         _positive("keep_checkpoints", self.keep_checkpoints)
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
@@ -396,6 +402,46 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     return value
 
 
+def _yaml(text: str) -> Any:
+    """yaml.safe_load, reading 1e-3 as a float (YAML 1.1 wants 1.0e-3)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$"
+                   r"|^\.(?:nan|NaN|NAN)$"),
+        list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 -- a SafeLoader subclass
+
+
+def _default_at(parts: list[str]) -> Any:
+    """The default value at a dotted path of TrainConfig (None when there is none)."""
+    cls: Any = TrainConfig
+    value: Any = None
+    for part in parts:
+        if value is None and dataclasses.is_dataclass(cls):
+            f = {f.name: f for f in dataclasses.fields(cls)}.get(part)
+            if f is None:
+                return None
+            tp = typing.get_type_hints(cls)[part]
+            if dataclasses.is_dataclass(tp):
+                cls = tp
+                continue
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+                else f.default
+            cls = None
+        elif isinstance(value, dict):
+            value = value.get(part)
+        else:
+            return None
+    return value
+
+
 def set_override(data: dict, assignment: str) -> None:
     """Apply `a.b.c=value` (value parsed as YAML/JSON, else kept as a string) to `data`."""
     if "=" not in assignment:
@@ -404,13 +450,16 @@ def set_override(data: dict, assignment: str) -> None:
     import yaml
 
     try:
-        value = yaml.safe_load(raw)
+        value = _yaml(raw)
     except yaml.YAMLError:  # not YAML: keep the text
         value = raw
     node = data
     parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    for i, part in enumerate(parts[:-1]):
+        if part not in node:  # a mapping field keeps its other default entries
+            default = _default_at(parts[:i + 1])
+            node[part] = dict(default) if isinstance(default, dict) else {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {key}: {part} is not a section")
     node[parts[-1]] = value
@@ -428,10 +477,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         import yaml
 
         try:
-            if path.suffix == ".json":
-                data = json.loads(text)
-            else:
-                data = yaml.safe_load(text) or {}
+            data = json.loads(text) if path.suffix == ".json" else _yaml(text) or {}
         except (ValueError, yaml.YAMLError) as exc:
             raise ConfigError(f"{path} is not valid {path.suffix.lstrip('.') or 'YAML'}: "
                               f"{exc}") from exc

@@ -196,9 +196,10 @@ class Trainer:
 
         c = self.config
         steps, every = c.steps, c.eval.every
+        stop = c.stop_at or steps
         t_len = c.data.seq_len
         batches = (self.packer.batch(s, self.rank, self.world) for s in
-                   range(self.start_step, steps))
+                   range(self.start_step, stop))
         items = self.source.stream(batches) if self.source is not None else \
             ((b, None) for b in batches)
         bar = tqdm(total=steps, initial=self.start_step, unit="step",
@@ -217,12 +218,12 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if every and (step % every == 0 or step == steps):
                 final = self.evaluate(step)
-            if step == steps or (c.save_every and step % c.save_every == 0):
+            if step == stop or (c.save_every and step % c.save_every == 0):
                 checkpoint.save(self.engine, self.ckpt_dir, step, keep=c.keep_checkpoints,
                                 client_state={"config": c.to_dict()})
             t_wait = time.perf_counter()
         bar.close()
-        if c.export:
+        if c.export and step == steps:
             self.export(self.out / "student")
         return final
 

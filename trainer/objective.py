@@ -140,9 +140,9 @@ def evaluate_batch(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
         else:
             out["kl"] += torch.nan
         # The teacher's top-1: the first exact head entry, else the heaviest sampled one.
-        head = t.num_head[idx] > 0
+        exact_first = t.num_head[idx] > 0
         teacher_top1 = torch.where(
-            head, ids[:, 0], ids.gather(1, torch.where(live, w, -1.0).argmax(1, keepdim=True))[:, 0])
+            exact_first, ids[:, 0], ids.gather(1, torch.where(live, w, -1.0).argmax(1, keepdim=True))[:, 0])
         out["n_teacher"] += idx.numel()
         out["agree"] += (top1 == teacher_top1).sum()
     return out

@@ -1,0 +1,114 @@
+"""The trainer for real: DeepSpeed on gloo, a loopback teacher server, its cache."""
+
+import json
+import urllib.request
+
+import pytest
+import torch
+
+from logitcast.trainer import Trainer, load_config, read_log
+from tests.trainer.conftest import run_config, torchrun
+
+pytestmark = pytest.mark.slow
+
+
+def _losses(log):
+    return [(r["step"], r["loss"], r["lm"], r["kd"], r["rows"]) for r in log
+            if r["kind"] == "train"]
+
+
+def _evals(log):
+    return [r for r in log if r["kind"] == "eval"]
+
+
+def test_two_ranks_online_then_from_cache_give_identical_losses(corpora, teacher, tmp_path):
+    cache = tmp_path / "cache"
+    common = {"teacher.spec": {"method": "sample", "unique": 12.0}, "data.micro_batch": 1,
+              "deepspeed": {"zero_optimization": {"stage": 2}}, "loss.kd": "kl"}
+    online = torchrun(run_config(corpora, tmp_path / "online", **common, **{
+        "teacher.source": "online", "teacher.addresses": [teacher.address]}))
+    assert online.returncode == 0, online.stdout + online.stderr
+    assert "2 rank(s), targets from online" in online.stdout
+    teacher.call(teacher.server.drain(5.0))  # flushes the tee into the cache
+    offline = torchrun(run_config(corpora, tmp_path / "offline", **common, **{
+        "teacher.source": "cache", "teacher.cache_dir": str(cache)}))
+    assert offline.returncode == 0, offline.stdout + offline.stderr
+    a, b = read_log(tmp_path / "online"), read_log(tmp_path / "offline")
+    assert len(_losses(a)) == 4 and _losses(a) == _losses(b)
+    assert all(r[3] > 0 for r in _losses(a))  # the KD term was live
+    assert _evals(a) == _evals(b) and len(_evals(a)) == 3
+    assert _evals(a)[-1]["kl_to_teacher"] is not None
+    # Both ranks trained: rank 0 logs its own rows, two of the step's four.
+    assert len(_losses(a)[0][4]) == 2
+
+
+def _in_process(corpora, out, teacher, **overrides):
+    return load_config(None, run_config(corpora, out, **{
+        "teacher.source": "online", "teacher.addresses": [teacher.address], **overrides}))
+
+
+def test_resumed_run_repeats_rows_targets_and_losses_exactly(corpora, teacher, tmp_path):
+    ds = {"deepspeed": {"zero_optimization": {"stage": 1}}, "steps": 6, "save_every": 2,
+          "loss.alpha": {"name": "wsd", "peak": 0.9, "warmup_steps": 1, "decay_steps": 2}}
+    with Trainer(_in_process(corpora, tmp_path / "whole", teacher, **ds)) as t:
+        t.run()
+    with Trainer(_in_process(corpora, tmp_path / "parts", teacher, stop_at=3, **ds)) as t:
+        t.run()
+    first = read_log(tmp_path / "parts")
+    assert max(r[0] for r in _losses(first)) == 2
+    assert not (tmp_path / "parts" / "student").exists()  # not finished: no export
+    with Trainer(_in_process(corpora, tmp_path / "parts", teacher, **ds)) as t:
+        assert t.start_step == 3
+        t.run()
+    whole, parts = read_log(tmp_path / "whole"), read_log(tmp_path / "parts")
+    assert _losses(whole) == _losses(parts)
+    assert _evals(whole) == _evals(parts)
+
+
+def test_exported_student_reloads_in_plain_transformers_with_the_same_logits(
+        corpora, teacher, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = _in_process(corpora, tmp_path / "run", teacher, metrics_port=0)
+    with Trainer(config) as t:
+        final = t.run()
+        ids = t.packer.batch(0).input_ids
+        with torch.no_grad():
+            ours = t.engine.module.student(ids).logits
+        body = urllib.request.urlopen(f"http://127.0.0.1:{t.metrics_port}/metrics",
+                                      timeout=10).read().decode()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    with torch.no_grad():
+        theirs = reloaded(ids).logits
+    assert torch.equal(ours, theirs)
+    meta = json.loads((tmp_path / "run" / "student" / "logitcast.json").read_text())
+    assert meta["teacher_source"] == "online" and meta["steps"] == 4
+    assert final["kl_to_teacher"] is not None and 0 <= final["top1_agreement"] <= 1
+    for name in ("logitcast_trainer_tokens_total 512.0", "logitcast_trainer_loss{part=\"kd\"}",
+                 "logitcast_client_wait_seconds_total", "logitcast_trainer_alpha 0.5",
+                 "logitcast_trainer_eval{metric=\"ece\"}"):
+        assert name in body
+
+
+def test_zero3_run_exports_a_whole_student(corpora, teacher, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from logitcast.trainer.objective import evaluate_batch, summarize
+
+    config = _in_process(corpora, tmp_path / "z3", teacher,
+                         deepspeed={"zero_optimization": {"stage": 3}})
+    with Trainer(config) as t:
+        final = t.run()
+        batch, targets = t.eval_rows[0]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "z3" / "student")
+    again = summarize(evaluate_batch(reloaded, batch.input_ids, batch.labels, targets))
+    assert again["lm_loss"] == pytest.approx(final["lm_loss"], rel=1e-5)
+
+
+def test_cli_reports_config_errors_and_exits_2(tmp_path, capsys):
+    from logitcast.cli.main import main
+
+    bad = tmp_path / "run.yaml"
+    bad.write_text("data: {train_tokens: /x}\nloss: {kd: kl, alpah: 3}\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "unknown key loss.alpah" in capsys.readouterr().out
