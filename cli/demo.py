@@ -1,97 +1,227 @@
-"""`logitcast demo`: the pipeline end to end on this machine, with the real teacher.
+"""`logitcast demo`: the whole system on this machine, with the real teacher, in minutes.
 
-1. tokenize a slice of the Python standard library source (the default corpus);
-2. start a teacher server with the embedded SmolLM2-135M on loopback, teeing
-   every target into a cache;
-3. stream RS-12 targets for packed batches to a client with prefetch;
-4. read the same rows back from the cache with no teacher (an offline student,
-   with another batch size) and check the targets are byte-identical;
-5. print what it cost: tokens/s, bytes per token, cache size.
-(The student trainer joins this demo when `logitcast.trainer` lands.)
+1. tokenize a slice of the Python standard library source (train and held-out files);
+2. start a teacher server (`logitcast serve`, the embedded SmolLM2-135M) on loopback,
+   teeing every target into a cache;
+3. train student A online on RS-12 targets streamed for its exact packed rows;
+4. stop the server (it drains and flushes the tee), then train a smaller student B
+   offline from the cache, with no teacher anywhere;
+5. train a CE-only baseline, the same size as A, on the same rows and budget;
+6. print a table (held-out LM loss, KL to the teacher, ECE, top-1 agreement, tok/s,
+   bytes/token) and write a PNG of the eval curves.
+Every student is evaluated on the same held-out rows against the same teacher targets
+(head_tail, read from the cache for B and the baseline).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
-    p.add_argument("--files", type=int, default=40, help="stdlib source files to tokenize")
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--files", type=int, default=30, help="stdlib source files to train on")
+    p.add_argument("--heldout-files", type=int, default=4, help="further files held out")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per student")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="rows per step")
+    p.add_argument("--student", default="tiny-16m", help="preset of student A and the baseline")
+    p.add_argument("--small-student", default="tiny-7m", help="preset of offline student B")
+    p.add_argument("--alpha", type=float, default=0.9, help="KD weight of the KD students")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine)")
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--eval-rows", type=int, default=8)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto uses a GPU when one is present")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(cache: Path, device: str, log: Path):
+    """`logitcast serve` in a child process; (process, address, metrics port) once it answers."""
+    import grpc
+
+    from logitcast.client.teacher_client import TeacherUnavailableError
+    from logitcast.protos import teacher_pb2 as pb
+    from logitcast.protos import teacher_pb2_grpc as pb_grpc
+
+    port, metrics = _free_port(), _free_port()
+    cmd = [sys.executable, "-m", "logitcast.cli.main", "serve", "--model", "default",
+           "--port", str(port), "--metrics-port", str(metrics), "--cache-dir", str(cache),
+           "--replica-id", "demo", "--device", device, "--drain-grace-s", "30"]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.TeacherStub(channel)
+        for _ in range(600):  # bounded: 5 minutes
+            if proc.poll() is not None:
+                raise TeacherUnavailableError(f"the teacher server exited; see {log}")
+            try:
+                return proc, address, metrics, stub.Info(pb.InfoRequest(), timeout=2)
+            except grpc.RpcError:
+                time.sleep(0.5)
+    proc.kill()
+    raise TeacherUnavailableError(f"the teacher server did not answer in time; see {log}")
+
+
+def _train(name: str, overrides: dict, base: dict):
+    from logitcast.trainer import Trainer, load_config, read_log
+
+    config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in {**base, **overrides}.items()])
+    t0 = time.perf_counter()
+    with Trainer(config) as trainer:
+        port = f", metrics http://127.0.0.1:{trainer.metrics_port}/metrics" \
+            if trainer.metrics_port else ""
+        print(f"    {name}: {config.student.preset} ({trainer.num_parameters / 1e6:.1f}M "
+              f"parameters), targets from {config.teacher.source}{port}", flush=True)
+        final = trainer.run()
+        received = trainer.metrics.client.received_bytes._value.get()
+    log = read_log(config.output_dir)
+    speeds = [r["tokens_per_s"] for r in log if r["kind"] == "train"][1:]
+    return {"name": name, "final": final, "log": log, "received": received,
+            "tok_s": sum(speeds) / max(len(speeds), 1), "seconds": time.perf_counter() - t0,
+            "preset": config.student.preset, "params": trainer.num_parameters}
+
+
+def _namespace_bytes_per_token(cache: Path, spec: dict) -> float:
+    from logitcast.cache import CacheReader
+    from logitcast.cache.store import list_namespaces
+    from logitcast.ops import TargetSpec
+    from logitcast.ops.codec import decode
+
+    want = TargetSpec.from_dict(spec)
+
+    for ns in list_namespaces(cache):
+        if ns.spec == want:
+            reader = CacheReader(cache, ns)
+            positions = sum(len(decode(reader.get(k))) for k in reader.keys())
+            size = sum(f.stat().st_size for f in (cache / ns.name).rglob("*") if f.is_file())
+            return size / max(positions, 1)
+    return float("nan")
+
+
+def _plot(results: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for metric, ax in zip(("lm_loss", "kl_to_teacher", "ece"), axes):
+        for r in results:
+            pts = [(e["step"], e[metric]) for e in r["log"]
+                   if e["kind"] == "eval" and e.get(metric) is not None]
+            ax.plot(*zip(*pts), marker="o", label=r["name"])
+        ax.set_xlabel("step")
+        ax.set_title(f"held-out {metric}")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
     import shutil
-    import threading
 
-    from logitcast.cache import CacheNamespace
+    import torch
+
     from logitcast.cli.tokenize import load_tokenizer
     from logitcast.client.corpus import stdlib_source_files
-    from logitcast.client.offline import CacheSource
-    from logitcast.client.packing import Packer, PackingConfig
     from logitcast.client.shards import TokenCorpus
-    from logitcast.client.teacher_client import TeacherClient
     from logitcast.client.tokenize import tokenize_sources
-    from logitcast.ops import TargetSpec
-    from logitcast.ops.codec import encode
-    from logitcast.server.app import TeacherServer
-    from logitcast.server.backends import TransformersBackend
+    from logitcast.server.embedded import default_cache_dir
 
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if args.device == "auto" else args.device)
     work = args.workdir
-    shutil.rmtree(work / "cache", ignore_errors=True)
+    for sub in ("cache", "runs", "tokens", "heldout"):
+        shutil.rmtree(work / sub, ignore_errors=True)
     t0 = time.perf_counter()
-    tok, fingerprint, vocab = load_tokenizer("default")
-    tokenize_sources(stdlib_source_files()[: args.files], work / "tokens", tok, fingerprint,
-                     vocab_size=vocab)
-    corpus = TokenCorpus(work / "tokens", tokenizer_fingerprint=fingerprint)
-    print(f"[1] corpus: {corpus.num_documents} stdlib files, {corpus.num_tokens} tokens")
+    tok, fingerprint, vocab = load_tokenizer("default")  # also builds the teacher cache once
+    files = stdlib_source_files()
+    train_files, held = files[:args.files], files[args.files:args.files + args.heldout_files]
+    tokenize_sources(train_files, work / "tokens", tok, fingerprint, vocab_size=vocab)
+    tokenize_sources(held, work / "heldout", tok, fingerprint, vocab_size=vocab)
+    train, heldout = TokenCorpus(work / "tokens"), TokenCorpus(work / "heldout")
+    need = args.steps * args.batch * args.seq_len
+    print(f"[1/6] corpus: {train.num_documents} stdlib files, {train.num_tokens} tokens for "
+          f"training ({need} per student), {heldout.num_tokens} held out "
+          f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    backend = TransformersBackend.from_pretrained("default", dtype="bf16")
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    server = asyncio.run_coroutine_threadsafe(
-        TeacherServer.start(backend, port=0, cache_dir=work / "cache", replica_id="demo"),
-        loop).result(300)
-    print(f"[2] teacher {backend.teacher_id} serving on {server.address}, teeing to "
-          f"{work / 'cache'}")
+    cache = (work / "cache").resolve()
+    proc, address, server_metrics, info = _start_server(cache, device, work / "server.log")
+    print(f"[2/6] teacher {info.teacher_id} serving on {address} ({device}); teeing into "
+          f"{cache}; metrics http://127.0.0.1:{server_metrics}/metrics", flush=True)
 
-    spec = TargetSpec(method="sample", unique=12.0)
-    packer = Packer(corpus, PackingConfig(seq_len=args.seq_len, global_batch=args.batch))
-    online = []
-    t1 = time.perf_counter()
-    with TeacherClient([server.address], spec, tokenizer_fingerprint=fingerprint,
-                       vocab_size=vocab, prefetch=2) as client:
-        for item in client.stream(packer.batch(s) for s in range(args.steps)):
-            online.append(item.targets)
-            t = item.targets
-            print(f"    step {item.batch.step}: {len(t)} positions, "
-                  f"{float(t.num_entries.float().mean()):.1f} tokens/position, teacher NLL "
-                  f"{float(-t.logprob.nanmean()):.2f} nats")
-        received = client.metrics.received_bytes._value.get()
-    online_s = time.perf_counter() - t1
+    rs12 = {"method": "sample", "unique": 12.0}
+    base = {"steps": args.steps, "data.train_tokens": str(work / "tokens"),
+            "data.eval_tokens": str(work / "heldout"), "data.seq_len": args.seq_len,
+            "data.global_batch": args.batch, "student.preset": args.student,
+            "eval.every": args.eval_every, "eval.rows": args.eval_rows, "metrics_port": 0,
+            "optim.lr": {"name": "cosine", "peak": args.lr, "warmup_frac": 0.1,
+                         "floor": args.lr / 10},
+            "loss.alpha": {"name": "constant", "value": args.alpha}, "teacher.spec": rs12,
+            "export_tokenizer": str(default_cache_dir())}
+    results = []
+    try:
+        print("[3/6] student A, online: RS-12 targets streamed from the teacher", flush=True)
+        results.append(_train("A online RS-12", {
+            "output_dir": str(work / "runs" / "online"), "teacher.source": "online",
+            "teacher.addresses": [address]}, base))
+    finally:
+        proc.send_signal(signal.SIGTERM)  # drain: finish in-flight work, flush the tee
+        proc.wait(timeout=120)
+    print("[4/6] student B, offline: the same rows from the cache, no teacher running",
+          flush=True)
+    results.append(_train("B offline RS-12", {
+        "output_dir": str(work / "runs" / "offline"), "teacher.source": "cache",
+        "teacher.cache_dir": str(cache), "student.preset": args.small_student}, base))
+    print("[5/6] baseline: cross-entropy only, same rows and budget", flush=True)
+    results.append(_train("CE only", {
+        "output_dir": str(work / "runs" / "ce"), "teacher.source": "none", "eval.source": "cache",
+        "teacher.cache_dir": str(cache)}, base))
+
     tokens = args.steps * args.batch * args.seq_len
-    print(f"[3] online: {tokens} tokens in {online_s:.1f}s ({tokens / online_s:.0f} tok/s), "
-          f"{received / tokens:.1f} bytes/token on the wire")
-    asyncio.run_coroutine_threadsafe(server.drain(5.0), loop).result(120)
-
-    ns = CacheNamespace(teacher_id=backend.teacher_id, tokenizer_fingerprint=fingerprint,
-                        spec=spec)
-    half = Packer(corpus, PackingConfig(seq_len=args.seq_len, global_batch=args.batch // 2))
-    with CacheSource(work / "cache", ns) as source:
-        offline = [s.targets for s in source.stream(half.batch(i) for i in range(2 * args.steps))]
-    same = all(
-        encode(online[s][r * args.seq_len:(r + 1) * args.seq_len])
-        == encode(offline[(s * args.batch + r) // (args.batch // 2)][
-            ((s * args.batch + r) % (args.batch // 2)) * args.seq_len:][:args.seq_len])
-        for s in range(args.steps) for r in range(args.batch))
-    size = sum(f.stat().st_size for f in (work / "cache").rglob("*") if f.is_file())
-    print(f"[4] offline student (batch {args.batch // 2}) read the same rows from the cache: "
-          f"targets byte-identical: {same}; cache {size / tokens:.1f} bytes/token")
-    print(f"[5] done in {time.perf_counter() - t0:.0f}s")
-    return 0 if same else 1
+    wire = results[0]["received"] / tokens
+    on_disk = _namespace_bytes_per_token(cache, rs12)
+    print(f"[6/6] results after {args.steps} steps x {args.batch} x {args.seq_len} tokens "
+          f"({time.perf_counter() - t0:.0f}s in all)\n")
+    head = f"{'student':<18}{'params':>8}{'heldout LM':>12}{'KL(T||S)':>10}{'ECE':>8}" \
+           f"{'top1 agree':>12}{'tok/s':>8}{'bytes/tok':>11}"
+    print(head)
+    print("-" * len(head))
+    bytes_col = [f"{wire:.1f} wire", f"{on_disk:.1f} disk", "0"]
+    for r, b in zip(results, bytes_col):
+        f = r["final"]
+        kl, agree = f.get("kl_to_teacher"), f.get("top1_agreement")
+        print(f"{r['name']:<18}{r['params'] / 1e6:>7.1f}M{f['lm_loss']:>12.3f}"
+              f"{kl if kl is not None else float('nan'):>10.3f}{f['ece']:>8.3f}"
+              f"{agree if agree is not None else float('nan'):>12.3f}{r['tok_s']:>8.0f}"
+              f"{b:>11}")
+    plot = work / "eval_curves.png"
+    summary = {"steps": args.steps, "tokens_per_student": tokens, "device": device,
+               "wire_bytes_per_token": wire, "cache_bytes_per_token": on_disk,
+               "students": [{k: r[k] for k in ("name", "preset", "params", "final", "tok_s",
+                                               "seconds")} for r in results]}
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\neval curves: {plot if _plot(results, plot) else '(matplotlib missing: no plot)'}")
+    print(f"summary: {work / 'summary.json'}; students: {work / 'runs'}/*/student; "
+          f"target cache: {cache}; teacher log: {work / 'server.log'}")
+    print("metrics: the teacher and each trainer served Prometheus /metrics at the URLs above "
+          "while they ran")
+    return 0 if all(r["final"] for r in results) else 1

@@ -246,7 +246,7 @@ class Trainer:
                                        batch.labels[rows].to(self.device), part, alpha, docs)
             self.engine.backward(total)
             self.engine.step()
-            sums += torch.tensor([float(total.detach()), float(parts["lm"]), float(parts["kd"])],
+            sums += torch.tensor([float(total.detach()), float(parts["lm"]), float(parts.get("kd", 0.0))],
                                  dtype=torch.float64)
         sums /= self.accum * self.world
         torch.distributed.all_reduce(sums)
