@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
     p.add_argument("--files", type=int, default=30, help="stdlib source files to train on")
     p.add_argument("--heldout-files", type=int, default=4, help="further files held out")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps per student")
+    p.add_argument("--steps", type=int, default=80, help="optimizer steps per student")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=4, help="rows per step")
     p.add_argument("--student", default="tiny-16m", help="preset of student A and the baseline")
@@ -38,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine)")
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-rows", type=int, default=8)
+    p.add_argument("--teacher-threads", type=int, default=0,
+                   help="CPU threads of the teacher process (0: all cores)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto uses a GPU when one is present")
 
@@ -48,7 +51,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(cache: Path, device: str, log: Path):
+def _start_server(cache: Path, device: str, log: Path, threads: int):
     """`logitcast serve` in a child process; (process, address, metrics port) once it answers."""
     import grpc
 
@@ -59,8 +62,10 @@ def _start_server(cache: Path, device: str, log: Path):
     port, metrics = _free_port(), _free_port()
     cmd = [sys.executable, "-m", "logitcast.cli.main", "serve", "--model", "default",
            "--port", str(port), "--metrics-port", str(metrics), "--cache-dir", str(cache),
-           "--replica-id", "demo", "--device", device, "--drain-grace-s", "30"]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+           "--replica-id", "demo", "--device", device, "--drain-grace-s", "30",
+           "--dtype", "fp32" if device == "cpu" else "bf16"]  # bf16 matmuls are slow on CPUs
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.TeacherStub(channel)
@@ -164,7 +169,12 @@ def run(args: argparse.Namespace) -> int:
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
     cache = (work / "cache").resolve()
-    proc, address, server_metrics, info = _start_server(cache, device, work / "server.log")
+    # On a CPU the teacher and student A share the cores; the student mostly waits on
+    # the teacher (the bottleneck here), so both get every core.
+    cores = torch.get_num_threads()
+    teacher_threads = args.teacher_threads or cores
+    proc, address, server_metrics, info = _start_server(cache, device, work / "server.log",
+                                                        teacher_threads)
     print(f"[2/6] teacher {info.teacher_id} serving on {address} ({device}); teeing into "
           f"{cache}; metrics http://127.0.0.1:{server_metrics}/metrics", flush=True)
 
@@ -180,10 +190,13 @@ def run(args: argparse.Namespace) -> int:
     results = []
     try:
         print("[3/6] student A, online: RS-12 targets streamed from the teacher", flush=True)
+        if device == "cpu":
+            torch.set_num_threads(max(1, cores - teacher_threads))
         results.append(_train("A online RS-12", {
             "output_dir": str(work / "runs" / "online"), "teacher.source": "online",
             "teacher.addresses": [address]}, base))
     finally:
+        torch.set_num_threads(cores)
         proc.send_signal(signal.SIGTERM)  # drain: finish in-flight work, flush the tee
         proc.wait(timeout=120)
     print("[4/6] student B, offline: the same rows from the cache, no teacher running",

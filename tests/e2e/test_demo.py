@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -6,11 +7,25 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_runs_the_whole_pipeline_with_the_real_teacher(tmp_path):
+def test_demo_trains_online_offline_and_baseline_students_with_the_real_teacher(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "logitcast.cli.main", "demo", "--workdir", str(tmp_path),
-         "--files", "5", "--steps", "2", "--seq-len", "128", "--batch", "2"],
+         "--files", "6", "--heldout-files", "2", "--steps", "4", "--seq-len", "128",
+         "--batch", "2", "--eval-every", "2", "--eval-rows", "2"],
         capture_output=True, text=True, timeout=600, env=dict(os.environ))
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "targets byte-identical: True" in out.stdout
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "teacher smollm2-135m-instruct-q4_1 serving" in out.stdout
+    for row in ("A online RS-12", "B offline RS-12", "CE only"):
+        assert any(line.startswith(row) for line in out.stdout.splitlines()), row
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    a, b, ce = summary["students"]
+    assert a["preset"] == "tiny-16m"
+    assert b["preset"] == "tiny-7m"
+    for s in (a, b, ce):  # every student measured against the same teacher targets
+        assert s["final"]["kl_to_teacher"] is not None
+        assert s["final"]["kl_to_teacher"] > 0
+    assert 20 < summary["wire_bytes_per_token"] < 45
+    assert (tmp_path / "eval_curves.png").stat().st_size > 1000
+    for run in ("online", "offline", "ce"):
+        assert (tmp_path / "runs" / run / "student" / "model.safetensors").is_file()
+        assert (tmp_path / "runs" / run / "student" / "tokenizer.json").is_file()

@@ -21,7 +21,8 @@ def test_yaml_file_with_nested_sections_and_overrides(tmp_path):
                     "loss:\n  alpha: {name: wsd, peak: 0.9, warmup_frac: 0.1, decay_frac: 0.1}\n"
                     "deepspeed: {zero_optimization: {stage: 2}}\n")
     config = load_config(path, ["optim.lr.peak=3e-4", "teacher.spec={method: topk, k: 12}"])
-    assert config.steps == 40 and config.data.seq_len == 128
+    assert config.steps == 40
+    assert config.data.seq_len == 128
     assert config.optim.lr["peak"] == 3e-4
     assert config.teacher.target_spec().method == "topk"
     assert config.deepspeed_config()["zero_optimization"]["stage"] == 2
@@ -82,7 +83,8 @@ def test_deepspeed_config_may_be_a_json_file(tmp_path):
 
 def test_ce_only_runs_evaluate_without_teacher_targets():
     config = TrainConfig(data=DataConfig(train_tokens="/x"))
-    assert config.teacher.source == "none" and config.eval.source == "none"
+    assert config.teacher.source == "none"
+    assert config.eval.source == "none"
 
 
 def test_missing_data_section_is_named():
@@ -92,4 +94,5 @@ def test_missing_data_section_is_named():
 
 def test_yaml_numbers_keep_their_types(tmp_path):
     config = load_config(None, [*BASE, "optim.eps=1e-6", "steps=12"])
-    assert config.optim.eps == 1e-6 and isinstance(config.steps, int)
+    assert config.optim.eps == 1e-6
+    assert isinstance(config.steps, int)

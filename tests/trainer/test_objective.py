@@ -36,7 +36,8 @@ def _targets(logits, spec, labels):
 
 def test_presets_include_pd_table7_and_a_16m_cpu_student():
     assert {"330m", "670m", "1.9b", "3.8b", "6.8b"} <= set(PRESETS)
-    assert PRESETS["1.9b"].hidden == 2048 and PRESETS["1.9b"].layers == 24
+    assert PRESETS["1.9b"].hidden == 2048
+    assert PRESETS["1.9b"].layers == 24
     with torch.device("meta"):
         tiny = build_student(preset="tiny-16m", vocab_size=49152)
     assert 14e6 < num_parameters(tiny) < 18e6
@@ -123,7 +124,8 @@ def test_ece_of_a_known_histogram():
     sums["bin_n"][7], sums["bin_conf"][7], sums["bin_correct"][7] = 5, 2.5, 3
     out = summarize(sums)
     assert out["ece"] == pytest.approx((1.5 + 0.5) / 10)
-    assert out["kl_to_teacher"] is None and out["top1_agreement"] is None
+    assert out["kl_to_teacher"] is None
+    assert out["top1_agreement"] is None
 
 
 def test_a_plain_pytorch_loop_learns_the_teacher_through_the_api():
@@ -144,4 +146,5 @@ def test_a_plain_pytorch_loop_learns_the_teacher_through_the_api():
         if step in (0, 29):
             full = _targets(teacher, TargetSpec(method="full"), labels)
             kls.append(summarize(evaluate_batch(student, ids, labels, full))["kl_to_teacher"])
-    assert kls[1] < 0.7 * kls[0] and math.isfinite(kls[1])
+    assert kls[1] < 0.7 * kls[0]
+    assert math.isfinite(kls[1])

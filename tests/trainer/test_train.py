@@ -34,9 +34,11 @@ def test_two_ranks_online_then_from_cache_give_identical_losses(corpora, teacher
         "teacher.source": "cache", "teacher.cache_dir": str(cache)}))
     assert offline.returncode == 0, offline.stdout + offline.stderr
     a, b = read_log(tmp_path / "online"), read_log(tmp_path / "offline")
-    assert len(_losses(a)) == 4 and _losses(a) == _losses(b)
+    assert len(_losses(a)) == 4
+    assert _losses(a) == _losses(b)
     assert all(r[3] > 0 for r in _losses(a))  # the KD term was live
-    assert _evals(a) == _evals(b) and len(_evals(a)) == 3
+    assert _evals(a) == _evals(b)
+    assert len(_evals(a)) == 3
     assert _evals(a)[-1]["kl_to_teacher"] is not None
     # Both ranks trained: rank 0 logs its own rows, two of the step's four.
     assert len(_losses(a)[0][4]) == 2
@@ -82,8 +84,10 @@ def test_exported_student_reloads_in_plain_transformers_with_the_same_logits(
         theirs = reloaded(ids).logits
     assert torch.equal(ours, theirs)
     meta = json.loads((tmp_path / "run" / "student" / "logitcast.json").read_text())
-    assert meta["teacher_source"] == "online" and meta["steps"] == 4
-    assert final["kl_to_teacher"] is not None and 0 <= final["top1_agreement"] <= 1
+    assert meta["teacher_source"] == "online"
+    assert meta["steps"] == 4
+    assert final["kl_to_teacher"] is not None
+    assert 0 <= final["top1_agreement"] <= 1
     for name in ("logitcast_trainer_tokens_total 512.0", "logitcast_trainer_loss{part=\"kd\"}",
                  "logitcast_client_wait_seconds_total", "logitcast_trainer_alpha 0.5",
                  "logitcast_trainer_eval{metric=\"ece\"}"):

@@ -1,0 +1,164 @@
+"""Trainer benchmark: what distillation costs the student, online and offline, vs plain CE.
+
+One run, one student, the same packed rows, three ways (DeepSpeed, fused loss):
+(a) online KD: RS-12 targets streamed from a teacher server (a child process,
+    `logitcast serve`, teeing into a cache), prefetched ahead of the step;
+(b) offline KD: the same targets read back from that cache, no teacher running;
+(c) CE only: no targets.
+Reports trained tokens/s of each (steady state: the first steps are warm-up)
+and their ratios. On this 2-core machine the online teacher shares the CPU
+with the student, so online_vs_ce mostly measures that contention; on a GPU
+cluster the teacher runs on its own device. The full run uses the real
+SmolLM2-135M teacher and the 16M student; --quick a tiny random teacher and a
+7M student with its 1,024-token vocabulary (same pipeline, smoke only).
+
+    python bench/trainer.py [--quick]
+
+Last line: RESULT online_vs_ce=.. offline_vs_ce=.. online_vs_offline=..
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results
+
+WARMUP_STEPS = 2
+
+
+def corpus(directory: Path, quick: bool) -> tuple[str, int]:
+    """Token shards for the teacher's tokenizer; (fingerprint, vocab)."""
+    from logitcast.client.shards import ShardWriter
+
+    if quick:
+        import numpy as np
+
+        from logitcast.server.backends import TransformersBackend
+
+        backend = TransformersBackend.tiny_random()
+        rng = np.random.default_rng(0)
+        w = ShardWriter(directory, backend.tokenizer_fingerprint, backend.vocab_size, 1)
+        for i in range(120):
+            w.add(rng.integers(2, backend.vocab_size, size=int(rng.integers(50, 400))))
+            w.commit_source(str(i))
+        w.flush()
+        return backend.tokenizer_fingerprint, backend.vocab_size
+    from logitcast.cli.tokenize import load_tokenizer
+    from logitcast.client.corpus import stdlib_source_files
+    from logitcast.client.tokenize import tokenize_sources
+
+    tok, fingerprint, vocab = load_tokenizer("default")
+    tokenize_sources(stdlib_source_files()[:40], directory, tok, fingerprint, vocab_size=vocab)
+    return fingerprint, vocab
+
+
+def start_server(model: str, cache: Path, log: Path):
+    import socket
+
+    import grpc
+
+    from logitcast.protos import teacher_pb2 as pb
+    from logitcast.protos import teacher_pb2_grpc as pb_grpc
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "logitcast.cli.main", "serve", "--model", model, "--port",
+         str(port), "--cache-dir", str(cache), "--replica-id", "bench"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.TeacherStub(channel)
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise RuntimeError(f"teacher server exited; see {log}")
+            try:
+                stub.Info(pb.InfoRequest(), timeout=2)
+                return proc, address
+            except grpc.RpcError:
+                time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"teacher server did not start; see {log}")
+
+
+def train(name: str, base: dict, overrides: dict) -> dict:
+    from logitcast.trainer import Trainer, load_config, read_log
+
+    config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in {**base, **overrides}.items()])
+    with Trainer(config) as trainer:
+        trainer.run()
+        received = trainer.metrics.client.received_bytes._value.get()
+        wait = trainer.metrics.client.wait_seconds._value.get()
+    steps = [r for r in read_log(config.output_dir) if r["kind"] == "train"]
+    tokens = config.data.global_batch * config.data.seq_len
+    steady = steps[WARMUP_STEPS:]
+    seconds = sum(tokens / r["tokens_per_s"] for r in steady)
+    out = {"tokens_per_s": tokens * len(steady) / seconds, "steps": len(steps),
+           "wait_seconds": wait, "bytes_per_token": received / (tokens * len(steps)),
+           "final_loss": steps[-1]["loss"], "losses": [r["loss"] for r in steps]}
+    print(f"{name:>8}: {out['tokens_per_s']:.0f} tok/s, waited {wait:.2f}s on targets, "
+          f"final loss {out['final_loss']:.3f}", flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    q = args.quick
+    import logging
+
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="logitcast-bench-trainer-"))
+    try:
+        _, vocab = corpus(work / "tokens", q)
+        steps, seq_len, batch = (12, 128, 4) if q else (30, 256, 4)
+        preset = "tiny-7m" if q else "tiny-16m"
+        base = {"steps": steps, "data.train_tokens": str(work / "tokens"),
+                "data.seq_len": seq_len, "data.global_batch": batch, "student.preset": preset,
+                "eval.every": 0, "export": False, "progress": False,
+                "teacher.spec": {"method": "sample", "unique": 12.0},
+                "loss.alpha": {"name": "constant", "value": 0.5}}
+        cache = work / "cache"
+        proc, address = start_server("tiny" if q else "default", cache, work / "server.log")
+        try:
+            online = train("online", base, {"output_dir": str(work / "online"),
+                                            "teacher.source": "online",
+                                            "teacher.addresses": [address]})
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        offline = train("offline", base, {"output_dir": str(work / "offline"),
+                                          "teacher.source": "cache",
+                                          "teacher.cache_dir": str(cache)})
+        ce = train("ce", base, {"output_dir": str(work / "ce"), "teacher.source": "none"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    same = online["losses"] == offline["losses"]
+    ratios = {"online_vs_ce": online["tokens_per_s"] / ce["tokens_per_s"],
+              "offline_vs_ce": offline["tokens_per_s"] / ce["tokens_per_s"],
+              "online_vs_offline": online["tokens_per_s"] / offline["tokens_per_s"]}
+    print(f"online and offline losses identical: {same}")
+    path = write_results("trainer", {
+        "config": {"quick": q, "steps": steps, "seq_len": seq_len, "global_batch": batch,
+                   "student": preset, "vocab": vocab, "teacher": "tiny" if q else "default",
+                   "spec": "sample unique=12", "warmup_steps_excluded": WARMUP_STEPS},
+        "online": online, "offline": offline, "ce": ce, "online_offline_losses_identical": same,
+        **ratios}, suffix="-quick" if q else "")
+    print(f"results: {path}")
+    print("RESULT " + " ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()
