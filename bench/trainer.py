@@ -65,6 +65,7 @@ def start_server(model: str, cache: Path, log: Path):
     import socket
 
     import grpc
+    import torch
 
     from logitcast.protos import teacher_pb2 as pb
     from logitcast.protos import teacher_pb2_grpc as pb_grpc
@@ -74,7 +75,8 @@ def start_server(model: str, cache: Path, log: Path):
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "logitcast.cli.main", "serve", "--model", model, "--port",
-         str(port), "--cache-dir", str(cache), "--replica-id", "bench"],
+         str(port), "--cache-dir", str(cache), "--replica-id", "bench",
+         "--dtype", "bf16" if torch.cuda.is_available() else "fp32"],  # bf16 is slow on CPUs
         stdout=log.open("w"), stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(address) as channel:

@@ -61,7 +61,10 @@ class TransformersBackend:
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: str = "bf16",
                         device: str = "cpu") -> TransformersBackend:
-        """A local path or hub id; `default` means the embedded SmolLM2-135M teacher."""
+        """A local path or hub id; `default` means the embedded SmolLM2-135M teacher.
+
+        The teacher id gets an `@fp32` / `@fp16` suffix unless dtype is bf16: another
+        dtype gives other targets, so it must not share their cache namespace."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if name_or_path == "default":
@@ -72,7 +75,7 @@ class TransformersBackend:
             )
 
             model, tok = load_embedded_teacher(dtype=DTYPES[dtype])
-            return cls(model, teacher_id=EMBEDDED_TEACHER_ID,
+            return cls(model, teacher_id=EMBEDDED_TEACHER_ID + _dtype_suffix(dtype),
                        tokenizer_fingerprint=tokenizer_fingerprint(tok), device=device)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,7 +84,7 @@ class TransformersBackend:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype],
                                                      attn_implementation="sdpa")
         tok = AutoTokenizer.from_pretrained(name_or_path)
-        return cls(model, teacher_id=str(name_or_path),
+        return cls(model, teacher_id=str(name_or_path) + _dtype_suffix(dtype),
                    tokenizer_fingerprint=tokenizer_fingerprint(tok), device=device)
 
     @classmethod
@@ -127,3 +130,7 @@ class TransformersBackend:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
+
+
+def _dtype_suffix(dtype: str) -> str:
+    return "" if dtype == "bf16" else f"@{dtype}"

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ def test_demo_trains_online_offline_and_baseline_students_with_the_real_teacher(
          "--batch", "2", "--eval-every", "2", "--eval-rows", "2"],
         capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "teacher smollm2-135m-instruct-q4_1 serving" in out.stdout
+    assert re.search(r"teacher smollm2-135m-instruct-q4_1(@fp32)? serving", out.stdout)
     for row in ("A online RS-12", "B offline RS-12", "CE only"):
         assert any(line.startswith(row) for line in out.stdout.splitlines()), row
     summary = json.loads((tmp_path / "summary.json").read_text())

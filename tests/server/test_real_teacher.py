@@ -38,3 +38,9 @@ def test_real_smollm2_teacher_predicts_python_source_far_better_than_uniform():
         assert torch.allclose(targets.weights.sum(1), torch.ones(256), atol=1e-5)
     finally:
         server.close()
+
+
+@pytest.mark.slow
+def test_a_teacher_in_another_dtype_gets_its_own_teacher_id():
+    fp32 = TransformersBackend.from_pretrained("default", dtype="fp32")
+    assert fp32.teacher_id == EMBEDDED_TEACHER_ID + "@fp32"

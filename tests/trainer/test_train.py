@@ -1,7 +1,9 @@
 """The trainer for real: DeepSpeed on gloo, a loopback teacher server, its cache."""
 
 import json
+import os
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +118,23 @@ def test_cli_reports_config_errors_and_exits_2(tmp_path, capsys):
     bad.write_text("data: {train_tokens: /x}\nloss: {kd: kl, alpah: 3}\n")
     assert main(["train", "--config", str(bad)]) == 2
     assert "unknown key loss.alpah" in capsys.readouterr().out
+
+
+GOLDEN = Path(__file__).with_name("golden_kd_micro.json")
+
+
+def test_loss_curve_matches_the_golden_curve(corpora, teacher, tmp_path):
+    """A fixed tiny KD run reproduces the recorded losses (regenerate the file with
+    LOGITCAST_UPDATE_GOLDEN=1 after a change that is meant to move them)."""
+    config = _in_process(corpora, tmp_path / "golden", teacher, steps=8, export=False,
+                         **{"eval.every": 0})
+    with Trainer(config) as t:
+        t.run()
+    curve = [[r["loss"], r["lm"], r["kd"]] for r in read_log(tmp_path / "golden")
+             if r["kind"] == "train"]
+    if os.environ.get("LOGITCAST_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps(curve, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert len(curve) == len(golden) == 8
+    for got, want in zip(curve, golden):
+        assert got == pytest.approx(want, rel=1e-4)
