@@ -9,16 +9,22 @@ TORCH_CPU := torch==2.13.0
 export LOGITCAST_HOME ?= $(CURDIR)/.cache/logitcast
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test install protos
+.PHONY: demo test install protos system-deps
 
 demo: $(STAMP)
 	$(BIN)/logitcast demo
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 install: $(STAMP)
+
+# The Debian `prometheus` package (prometheus + promtool) for tests/deploy; installed only
+# when missing and running as root (otherwise those tests skip). Tests run their own server
+# on a free port, so a system service the package may start is stopped and disabled again.
+system-deps:
+	@if [ "$$(id -u)" = 0 ]; then command -v prometheus >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus && (systemctl disable --now prometheus >/dev/null 2>&1 || true)); fi
 
 # Regenerate protos/*_pb2*.py from protos/teacher.proto (checked in; a test fails on drift).
 protos: $(STAMP)

@@ -20,6 +20,7 @@ VERBS = {
     "cache": ("cache", "stats | verify | compact | export a target cache"),
     "train": ("train", "train a student with DeepSpeed on online, cached or no targets"),
     "demo": ("demo", "the pipeline end to end with the embedded teacher"),
+    "top": ("top", "live view of fleet and trainer tokens/s, queues, stalls and cache hits"),
 }
 
 

@@ -11,7 +11,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default="default",
                    help="'default' (embedded SmolLM2-135M), 'tiny' (random test model), "
-                        "a local path or a hub id")
+                        "'random:VOCAB:HIDDEN:LAYERS', a local path or a hub id")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--host", default="127.0.0.1")
@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-grace-s", type=float, default=30.0)
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="tee every served target into this cache directory")
+    p.add_argument("--metrics-sd-dir", type=Path, default=None,
+                   help="register /metrics for Prometheus file_sd discovery in this directory")
     p.add_argument("--replica-id", default="r0",
                    help="this server's cache writer id (unique per replica sharing a cache)")
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     from logitcast.ops import METHODS
     from logitcast.server.app import TeacherServer, TLSConfig, serve_until_signal
-    from logitcast.server.backends import TransformersBackend
+    from logitcast.server.backends import load_backend
     from logitcast.server.engine import EngineConfig
     from logitcast.server.limits import RequestLimits
 
@@ -53,11 +55,7 @@ def run(args: argparse.Namespace) -> int:
     tls = (TLSConfig(key=args.tls_key.read_bytes(), cert=args.tls_cert.read_bytes())
            if args.tls_cert else None)
     token = args.auth_token_file.read_text().strip() if args.auth_token_file else None
-    if args.model == "tiny":
-        backend = TransformersBackend.tiny_random(device=args.device)
-    else:
-        backend = TransformersBackend.from_pretrained(args.model, dtype=args.dtype,
-                                                      device=args.device)
+    backend = load_backend(args.model, dtype=args.dtype, device=args.device)
     engine = EngineConfig(max_batch_tokens=args.max_batch_tokens,
                           max_wait_s=args.max_wait_ms / 1000.0,
                           max_queue_tokens=args.max_queue_tokens)
@@ -67,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         server = await TeacherServer.start(
             backend, host=args.host, port=args.port, engine_config=engine, limits=limits,
             methods=methods, metrics_port=args.metrics_port, auth_token=token, tls=tls,
-            cache_dir=args.cache_dir, replica_id=args.replica_id)
+            cache_dir=args.cache_dir, replica_id=args.replica_id,
+            metrics_sd_dir=args.metrics_sd_dir)
         await serve_until_signal(server, grace_s=args.drain_grace_s)
 
     asyncio.run(main())

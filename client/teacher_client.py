@@ -152,11 +152,13 @@ class TeacherClient:
         metrics: ClientMetrics | None = None,
         write_cache: bool = True,
         writer_id: str = "client0",
+        application: str | None = None,
     ) -> None:
         """cache: None, an object with get/put (e.g. MemoryTargetCache), or a cache
         directory. write_cache: also store fetched misses (single-machine setups; turn
         it off when the servers tee into the same cache). writer_id: this client's cache
-        writer id, unique per rank."""
+        writer id, unique per rank. application: the Ray Serve application name, sent as
+        `application` metadata when the addresses are Ray Serve gRPC proxies."""
         if not addresses:
             raise ValueError("at least one teacher address is needed")
         if prefetch < 1 or max_tries < 1:
@@ -170,6 +172,8 @@ class TeacherClient:
         self.backoff_s, self.extras, self.device = backoff_s, extras, torch.device(device)
         self.metrics = metrics or ClientMetrics()
         self._meta = [("authorization", f"Bearer {auth_token}")] if auth_token else []
+        if application:
+            self._meta.append(("application", application))
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         creds = grpc.ssl_channel_credentials(tls_root_certs) if tls_root_certs else None

@@ -1,7 +1,9 @@
 """Regenerate the Python code for `protos/teacher.proto` (`make protos`).
 
-protoc writes `import teacher_pb2` into the gRPC module; we rewrite it to the
-package import so the generated code lives inside `logitcast.protos`.
+protoc runs on a copy of the proto placed at `logitcast/protos/teacher.proto`,
+so the generated modules know their real name (`logitcast.protos.teacher_pb2`):
+message classes pickle by that name (Ray Serve's gRPC proxy pickles requests to
+its replicas) and the gRPC module imports the package path.
 `python protos/generate.py --check` fails when the checked-in files drift.
 """
 
@@ -18,15 +20,21 @@ OUTPUTS = ("teacher_pb2.py", "teacher_pb2.pyi", "teacher_pb2_grpc.py")
 
 
 def generate(out_dir: Path) -> None:
+    import shutil
+
     from grpc_tools import protoc
 
-    args = ["protoc", f"-I{HERE}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
-            f"--grpc_python_out={out_dir}", str(HERE / PROTO)]
-    if protoc.main(args) != 0:
-        raise SystemExit(f"protoc failed on {PROTO}")
-    grpc_mod = out_dir / "teacher_pb2_grpc.py"
-    text = grpc_mod.read_text()
-    grpc_mod.write_text(text.replace("import teacher_pb2 as", "from logitcast.protos import teacher_pb2 as"))
+    with tempfile.TemporaryDirectory() as tmp:
+        src, gen = Path(tmp) / "src", Path(tmp) / "gen"
+        (src / "logitcast" / "protos").mkdir(parents=True)
+        gen.mkdir()
+        shutil.copy(HERE / PROTO, src / "logitcast" / "protos" / PROTO)
+        args = ["protoc", f"-I{src}", f"--python_out={gen}", f"--pyi_out={gen}",
+                f"--grpc_python_out={gen}", f"logitcast/protos/{PROTO}"]
+        if protoc.main(args) != 0:
+            raise SystemExit(f"protoc failed on {PROTO}")
+        for name in OUTPUTS:
+            shutil.copy(gen / "logitcast" / "protos" / name, out_dir / name)
 
 
 def main() -> int:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from logitcast.protos import teacher_pb2 as teacher__pb2
+from logitcast.protos import teacher_pb2 as logitcast_dot_protos_dot_teacher__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in teacher_pb2_grpc.py depends on'
+        + ' but the generated code in logitcast/protos/teacher_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class TeacherStub:
         """
         self.Distill = channel.unary_stream(
                 '/logitcast.v1.Teacher/Distill',
-                request_serializer=teacher__pb2.DistillRequest.SerializeToString,
-                response_deserializer=teacher__pb2.DistillChunk.FromString,
+                request_serializer=logitcast_dot_protos_dot_teacher__pb2.DistillRequest.SerializeToString,
+                response_deserializer=logitcast_dot_protos_dot_teacher__pb2.DistillChunk.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/logitcast.v1.Teacher/Info',
-                request_serializer=teacher__pb2.InfoRequest.SerializeToString,
-                response_deserializer=teacher__pb2.InfoResponse.FromString,
+                request_serializer=logitcast_dot_protos_dot_teacher__pb2.InfoRequest.SerializeToString,
+                response_deserializer=logitcast_dot_protos_dot_teacher__pb2.InfoResponse.FromString,
                 _registered_method=True)
         self.Score = channel.unary_unary(
                 '/logitcast.v1.Teacher/Score',
-                request_serializer=teacher__pb2.ScoreRequest.SerializeToString,
-                response_deserializer=teacher__pb2.ScoreResponse.FromString,
+                request_serializer=logitcast_dot_protos_dot_teacher__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=logitcast_dot_protos_dot_teacher__pb2.ScoreResponse.FromString,
                 _registered_method=True)
 
 
@@ -81,18 +81,18 @@ def add_TeacherServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Distill': grpc.unary_stream_rpc_method_handler(
                     servicer.Distill,
-                    request_deserializer=teacher__pb2.DistillRequest.FromString,
-                    response_serializer=teacher__pb2.DistillChunk.SerializeToString,
+                    request_deserializer=logitcast_dot_protos_dot_teacher__pb2.DistillRequest.FromString,
+                    response_serializer=logitcast_dot_protos_dot_teacher__pb2.DistillChunk.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=teacher__pb2.InfoRequest.FromString,
-                    response_serializer=teacher__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=logitcast_dot_protos_dot_teacher__pb2.InfoRequest.FromString,
+                    response_serializer=logitcast_dot_protos_dot_teacher__pb2.InfoResponse.SerializeToString,
             ),
             'Score': grpc.unary_unary_rpc_method_handler(
                     servicer.Score,
-                    request_deserializer=teacher__pb2.ScoreRequest.FromString,
-                    response_serializer=teacher__pb2.ScoreResponse.SerializeToString,
+                    request_deserializer=logitcast_dot_protos_dot_teacher__pb2.ScoreRequest.FromString,
+                    response_serializer=logitcast_dot_protos_dot_teacher__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -120,8 +120,8 @@ class Teacher:
             request,
             target,
             '/logitcast.v1.Teacher/Distill',
-            teacher__pb2.DistillRequest.SerializeToString,
-            teacher__pb2.DistillChunk.FromString,
+            logitcast_dot_protos_dot_teacher__pb2.DistillRequest.SerializeToString,
+            logitcast_dot_protos_dot_teacher__pb2.DistillChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -147,8 +147,8 @@ class Teacher:
             request,
             target,
             '/logitcast.v1.Teacher/Info',
-            teacher__pb2.InfoRequest.SerializeToString,
-            teacher__pb2.InfoResponse.FromString,
+            logitcast_dot_protos_dot_teacher__pb2.InfoRequest.SerializeToString,
+            logitcast_dot_protos_dot_teacher__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -174,8 +174,8 @@ class Teacher:
             request,
             target,
             '/logitcast.v1.Teacher/Score',
-            teacher__pb2.ScoreRequest.SerializeToString,
-            teacher__pb2.ScoreResponse.FromString,
+            logitcast_dot_protos_dot_teacher__pb2.ScoreRequest.SerializeToString,
+            logitcast_dot_protos_dot_teacher__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

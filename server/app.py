@@ -25,7 +25,7 @@ from logitcast.protos import teacher_pb2_grpc as pb_grpc
 from logitcast.server.backends import TeacherBackend
 from logitcast.server.engine import Engine, EngineConfig
 from logitcast.server.limits import RequestLimits
-from logitcast.server.metrics import TeacherMetrics
+from logitcast.server.metrics import TeacherMetrics, remove_scrape_target, write_scrape_target
 from logitcast.server.service import TeacherServicer
 from logitcast.server.tee import CacheTee
 
@@ -85,8 +85,10 @@ class TeacherServer:
         tls: TLSConfig | None = None,
         cache_dir: str | Path | None = None,
         replica_id: str = "r0",
+        metrics_sd_dir: str | Path | None = None,
     ) -> TeacherServer:
-        """cache_dir: tee every served target into this cache (as writer `replica_id`)."""
+        """cache_dir: tee every served target into this cache (as writer `replica_id`).
+        metrics_sd_dir: register the /metrics endpoint there for Prometheus file_sd."""
         self = object.__new__(cls)
         self.limits = limits or RequestLimits()
         self.metrics = TeacherMetrics()
@@ -119,6 +121,11 @@ class TeacherServer:
         if metrics_port is not None:
             self._http, _ = start_http_server(metrics_port, addr=host, registry=self.metrics.registry)
             self.metrics_port = self._http.server_port
+        self._sd = None
+        if metrics_sd_dir is not None and self.metrics_port is not None:
+            self._sd = (metrics_sd_dir, f"teacher-{replica_id}")
+            write_scrape_target(metrics_sd_dir, self._sd[1], f"{host}:{self.metrics_port}",
+                                {"replica": replica_id})
         self.engine.start()
         await self.server.start()
         for name in ("", SERVICE_NAME):
@@ -147,6 +154,8 @@ class TeacherServer:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self._sd is not None:
+            remove_scrape_target(*self._sd)
         logger.info("stopped %s", self.address)
 
     async def wait(self) -> None:

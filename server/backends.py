@@ -134,3 +134,18 @@ class TransformersBackend:
 
 def _dtype_suffix(dtype: str) -> str:
     return "" if dtype == "bf16" else f"@{dtype}"
+
+
+def load_backend(model: str, *, dtype: str = "bf16", device: str = "cpu") -> TransformersBackend:
+    """A backend by name: 'default' (embedded SmolLM2-135M), 'tiny' (a random test model),
+    'random:VOCAB:HIDDEN:LAYERS' (a seeded random Llama of that size), or a path/hub id."""
+    if model == "tiny":
+        return TransformersBackend.tiny_random(device=device)
+    if model.startswith("random:"):
+        try:
+            vocab, hidden, layers = (int(x) for x in model.split(":")[1:])
+        except ValueError as exc:
+            raise ValueError(f"model {model!r}: expected random:VOCAB:HIDDEN:LAYERS") from exc
+        return TransformersBackend.tiny_random(vocab_size=vocab, hidden=hidden, layers=layers,
+                                               device=device)
+    return TransformersBackend.from_pretrained(model, dtype=dtype, device=device)

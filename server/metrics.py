@@ -8,6 +8,10 @@ not summaries, and no high-cardinality labels (status code and method only).
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -55,3 +59,18 @@ class TeacherMetrics:
         self.cache_backpressure_seconds = Counter(
             "logitcast_cache_backpressure_seconds",
             "Seconds serving waited for the cache writer to catch up", registry=r)
+
+
+def write_scrape_target(sd_dir: str | Path, name: str, address: str, labels: dict) -> Path:
+    """Register `address` for Prometheus file_sd discovery as `<sd_dir>/<name>.json`
+    (written atomically; see docs/monitoring.md)."""
+    path = Path(sd_dir) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps([{"targets": [address], "labels": labels}]))
+    os.replace(tmp, path)
+    return path
+
+
+def remove_scrape_target(sd_dir: str | Path, name: str) -> None:
+    (Path(sd_dir) / f"{name}.json").unlink(missing_ok=True)

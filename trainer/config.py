@@ -285,6 +285,8 @@ class TrainConfig:
     """Prometheus /metrics on this port + local rank; 0 picks free ports; None disables."""
     metrics_host: str = "127.0.0.1"
     """Interface of the /metrics endpoint (0.0.0.0 to let a remote Prometheus scrape)."""
+    metrics_sd_dir: str | None = None
+    """Register each rank's /metrics for Prometheus file_sd as trainer-<rank>.json here."""
     progress: bool = True
     """tqdm bar on rank 0."""
     export: bool = True

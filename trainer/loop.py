@@ -30,7 +30,7 @@ from logitcast.ops import KDConfig, TargetSpec, alpha_at, lr_at
 from logitcast.ops.schedules import ALPHA_SCHEDULES, LR_SCHEDULES
 from logitcast.trainer import checkpoint
 from logitcast.trainer.config import ConfigError, TrainConfig, schedule
-from logitcast.trainer.metrics import TrainerMetrics
+from logitcast.trainer.metrics import TrainerMetrics, write_scrape_target
 from logitcast.trainer.objective import DistillObjective, evaluate_batch, summarize
 from logitcast.trainer.sources import open_source
 from logitcast.trainer.students import build_student, num_parameters
@@ -110,6 +110,9 @@ class Trainer:
         self.metrics_port = (self.metrics.serve(c.metrics_port + self.local_rank
                                                 if c.metrics_port else 0, c.metrics_host)
                              if c.metrics_port is not None else None)
+        if self.metrics_port is not None and c.metrics_sd_dir:
+            write_scrape_target(c.metrics_sd_dir, f"trainer-{self.rank}",
+                                f"{c.metrics_host}:{self.metrics_port}", {"rank": str(self.rank)})
         t = c.teacher
         common = {"tokenizer_fingerprint": self.fingerprint, "vocab_size": self.vocab,
                   "document_mode": d.mode == "documents", "addresses": t.addresses,

@@ -8,6 +8,10 @@ loss (total, lm, kd) and `metric` of the eval.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from logitcast.client.metrics import ClientMetrics
@@ -40,3 +44,15 @@ class TrainerMetrics:
         """Start /metrics on host:port (port 0: any free port); returns the bound port."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server.server_port
+
+
+def write_scrape_target(sd_dir: str | Path, name: str, address: str, labels: dict) -> Path:
+    """Register `address` for Prometheus file_sd as `<sd_dir>/<name>.json`, atomically.
+    (The server's copy of this convention is `logitcast.server.metrics.write_scrape_target`;
+    the trainer does not import the server.)"""
+    path = Path(sd_dir) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps([{"targets": [address], "labels": labels}]))
+    os.replace(tmp, path)
+    return path

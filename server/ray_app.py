@@ -1,0 +1,193 @@
+"""The teacher fleet on Ray Serve: one replica per teacher, behind Ray Serve's gRPC proxy.
+
+Each replica holds the same core as `logitcast serve` — an `Engine` (batching,
+teacher forward, sparsify, encode, cache tee) and the `TeacherServicer`
+(admission control, status codes) — so there is no second implementation of
+any of it. Ray Serve's gRPC proxy calls the deployment's `Distill` / `Info` /
+`Score` methods, named after the RPCs, with the request protos; `Distill` is an
+async generator, streamed back by the proxy. Clients send the `application`
+metadata (`TeacherClient(..., application="logitcast")`) and otherwise talk to
+the proxy exactly as to one server. Errors keep their status codes: the
+servicer's `abort` sets the code on Ray's gRPC context and raises, and the proxy
+returns that code.
+
+Per replica: a cache writer with its own id (`ray-<replica id>`, so shard names
+never collide and readers merge the index), a Prometheus /metrics endpoint on a
+free port, registered for discovery as `<metrics_sd_dir>/teacher-<replica>.json`,
+and a Serve health check that fails when the engine's batcher has died.
+Scaling, placement (`num_gpus: 1` per replica on GPU clusters), autoscaling and
+`max_ongoing_requests` are Ray Serve settings (`deploy/serve.yaml`).
+
+This module knows nothing about how Ray is started (`logitcast fleet up`, `serve run`).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any
+
+import grpc
+from ray import serve
+
+from logitcast.ops import METHODS
+from logitcast.server.backends import load_backend
+from logitcast.server.engine import Engine, EngineConfig
+from logitcast.server.limits import RequestLimits
+from logitcast.server.metrics import TeacherMetrics, remove_scrape_target, write_scrape_target
+from logitcast.server.service import TeacherServicer
+from logitcast.server.tee import CacheTee
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "logitcast"
+DEPLOYMENT_NAME = "Teacher"
+#: What Ray Serve's gRPC proxy needs in `grpc_options.grpc_servicer_functions`.
+SERVICER_FUNCTIONS = ["logitcast.protos.teacher_pb2_grpc.add_TeacherServicer_to_server"]
+
+
+@dataclass(kw_only=True)
+class ReplicaConfig:
+    """What every teacher replica loads and how it serves (the application's args)."""
+
+    model: str = "default"
+    """'default' (embedded SmolLM2-135M), 'tiny', 'random:V:H:L', a path or hub id."""
+    dtype: str = "bf16"
+    """bf16, fp16 or fp32."""
+    device: str = "auto"
+    """auto (cuda when the replica was given a GPU), cpu or cuda."""
+    threads: int = 0
+    """torch CPU threads per replica (0: torch's default)."""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """Sparsify methods this fleet serves."""
+    engine: dict[str, Any] = field(default_factory=dict)
+    """`EngineConfig` fields (max_batch_tokens, max_wait_s, max_queue_tokens, ...)."""
+    limits: dict[str, Any] = field(default_factory=dict)
+    """`RequestLimits` fields (max_rows, max_tokens, ...)."""
+    cache_dir: str | None = None
+    """Tee every target into this (shared) cache; each replica writes its own shards."""
+    metrics_host: str = "127.0.0.1"
+    """Interface of each replica's /metrics endpoint (0.0.0.0 for a remote Prometheus)."""
+    metrics_sd_dir: str | None = None
+    """Write a Prometheus file_sd target for each replica here."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown or not self.methods:
+            raise ValueError(f"methods: unknown {unknown}; choose from {list(METHODS)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        EngineConfig(**self.engine)
+        RequestLimits(**self.limits)
+
+
+class RpcAbort(Exception):
+    """Raised by `RayContext.abort`: ends the call with the code set on Ray's context."""
+
+
+class RayContext:
+    """The part of `grpc.aio.ServicerContext` our servicer uses, over Ray's gRPC context."""
+
+    def __init__(self, ray_context) -> None:
+        self._ctx = ray_context
+
+    async def abort(self, code: grpc.StatusCode, details: str):
+        if self._ctx is not None:
+            self._ctx.set_code(code)
+            self._ctx.set_details(details)
+        raise RpcAbort(f"{code.name}: {details}")
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=16, health_check_period_s=5,
+                  health_check_timeout_s=30, graceful_shutdown_timeout_s=60)
+class TeacherDeployment:
+    """One teacher replica."""
+
+    def __init__(self, config: dict | None = None) -> None:
+        import torch
+
+        self.config = c = ReplicaConfig(**(config or {}))
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        device = c.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        backend = load_backend(c.model, dtype=c.dtype, device=device)
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except RuntimeError:  # constructed outside Serve (tests of this class alone)
+            self.replica = socket.gethostname()
+        self.metrics = TeacherMetrics()
+        tee = (CacheTee(c.cache_dir, writer_id=f"ray-{self.replica}", metrics=self.metrics)
+               if c.cache_dir else None)
+        self.engine = Engine(backend, EngineConfig(**c.engine), self.metrics, tee)
+        try:
+            version = metadata.version("logitcast")
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        self.servicer = TeacherServicer(self.engine, RequestLimits(**c.limits),
+                                        methods=tuple(c.methods), version=version)
+        from prometheus_client import start_http_server
+
+        self._http, _ = start_http_server(0, addr=c.metrics_host, registry=self.metrics.registry)
+        self.metrics_address = f"{_reachable(c.metrics_host)}:{self._http.server_port}"
+        if c.metrics_sd_dir:
+            write_scrape_target(c.metrics_sd_dir, f"teacher-{self.replica}",
+                                self.metrics_address, {"replica": self.replica})
+        self._started = False
+        logger.info("replica %s: teacher %s on %s, metrics %s", self.replica,
+                    backend.teacher_id, device, self.metrics_address)
+
+    def _start(self) -> None:
+        if not self._started:  # the engine binds to the replica's event loop on first use
+            self.engine.start()
+            self.metrics.serving.set(1)
+            self._started = True
+
+    async def Distill(self, request, grpc_context=None):
+        self._start()
+        async for chunk in self.servicer.Distill(request, RayContext(grpc_context)):
+            yield chunk
+
+    async def Info(self, request, grpc_context=None):
+        self._start()
+        return await self.servicer.Info(request, RayContext(grpc_context))
+
+    async def Score(self, request, grpc_context=None):
+        self._start()
+        return await self.servicer.Score(request, RayContext(grpc_context))
+
+    def check_health(self) -> None:
+        """Serve's health probe: the batcher task must be alive once started."""
+        task = getattr(self.engine, "_task", None)
+        if self._started and task is not None and task.done():
+            raise RuntimeError(f"replica {self.replica}: the engine's batcher stopped: "
+                               f"{task.exception() if not task.cancelled() else 'cancelled'}")
+
+    async def __del__(self) -> None:
+        """Graceful stop: finish in-flight streams, flush the cache tee, deregister."""
+        self.metrics.serving.set(0)
+        if self._started:
+            await self.engine.drain(30.0)
+            await self.engine.close()
+        elif self.engine.tee is not None:
+            self.engine.tee.close()
+        if self.config.metrics_sd_dir:
+            remove_scrape_target(self.config.metrics_sd_dir, f"teacher-{self.replica}")
+        self._http.shutdown()
+
+
+def _reachable(host: str) -> str:
+    """An address others can scrape: the node's hostname when bound to all interfaces."""
+    return socket.gethostbyname(socket.gethostname()) if host in ("0.0.0.0", "") else host
+
+
+def build_app(args: dict | None = None):
+    """Application builder for `serve run logitcast.server.ray_app:build_app` and
+    deploy/serve.yaml: args are `ReplicaConfig` fields."""
+    config = ReplicaConfig(**(args or {}))
+    return TeacherDeployment.bind(asdict(config))
