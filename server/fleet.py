@@ -81,8 +81,30 @@ class LocalFleet:
         app = TeacherDeployment.options(**options).bind(asdict(config))
         serve.run(app, name=APP_NAME, route_prefix=f"/{APP_NAME}", blocking=False)
         fleet = cls(f"{host}:{grpc_port}", tmp, owns_ray)
+        fleet._app = (TeacherDeployment, options, asdict(config))
         fleet._wait_ready(APP_NAME, timeout_s)
         return fleet
+
+    def scale(self, replicas: int, timeout_s: float = 300.0) -> None:
+        """Redeploy with a fixed number of replicas; returns once all of them run."""
+        from ray import serve
+
+        from logitcast.server.ray_app import APP_NAME, DEPLOYMENT_NAME
+
+        deployment, options, config = self._app
+        options = {k: v for k, v in options.items() if k != "autoscaling_config"}
+        options["num_replicas"] = replicas
+        serve.run(deployment.options(**options).bind(config), name=APP_NAME,
+                  route_prefix=f"/{APP_NAME}", blocking=False)
+        self._app = (deployment, options, config)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME]
+            if status.replica_states.get("RUNNING", 0) == replicas and \
+                    sum(status.replica_states.values()) == replicas:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{replicas} replicas not running after {timeout_s:.0f}s")
 
     def _wait_ready(self, app: str, timeout_s: float) -> None:
         import grpc
