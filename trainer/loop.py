@@ -110,9 +110,14 @@ class Trainer:
         self.metrics_port = (self.metrics.serve(c.metrics_port + self.local_rank
                                                 if c.metrics_port else 0, c.metrics_host)
                              if c.metrics_port is not None else None)
+        self._sd_file = None
         if self.metrics_port is not None and c.metrics_sd_dir:
-            write_scrape_target(c.metrics_sd_dir, f"trainer-{self.rank}",
-                                f"{c.metrics_host}:{self.metrics_port}", {"rank": str(self.rank)})
+            host = c.metrics_host
+            if host in ("0.0.0.0", "", "::"):
+                host = socket.gethostbyname(socket.gethostname())
+            self._sd_file = write_scrape_target(c.metrics_sd_dir, f"trainer-{self.rank}",
+                                                f"{host}:{self.metrics_port}",
+                                                {"rank": str(self.rank)})
         t = c.teacher
         common = {"tokenizer_fingerprint": self.fingerprint, "vocab_size": self.vocab,
                   "document_mode": d.mode == "documents", "addresses": t.addresses,
@@ -334,6 +339,8 @@ class Trainer:
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
+        if self._sd_file is not None:  # a finished rank is gone, not down
+            self._sd_file.unlink(missing_ok=True)
 
     def __enter__(self) -> Trainer:
         return self
