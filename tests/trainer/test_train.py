@@ -138,3 +138,22 @@ def test_loss_curve_matches_the_golden_curve(corpora, teacher, tmp_path):
     assert len(curve) == len(golden) == 8
     for got, want in zip(curve, golden):
         assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_document_mode_trains_online_and_from_cache_with_identical_losses(
+        corpora, teacher, tmp_path):
+    """Rows packed from document pieces: per-document attention in the student, targets per
+    document segment on the wire and in the cache."""
+    docs = {"data.mode": "documents", "data.max_document_tokens": 16, "steps": 3,
+            "eval.every": 3, "export": False}
+    with Trainer(_in_process(corpora, tmp_path / "online", teacher, **docs)) as t:
+        t.run()
+    teacher.call(teacher.server.drain(5.0))
+    offline = load_config(None, run_config(corpora, tmp_path / "offline", **docs, **{
+        "teacher.source": "cache", "teacher.cache_dir": str(tmp_path / "cache")}))
+    with Trainer(offline) as t:
+        t.run()
+    a, b = read_log(tmp_path / "online"), read_log(tmp_path / "offline")
+    assert len(_losses(a)) == 3
+    assert _losses(a) == _losses(b)
+    assert _evals(a) == _evals(b)
