@@ -36,6 +36,22 @@ def machine() -> dict:
     return info
 
 
+def random_corpus(directory: Path, fingerprint: str, vocab: int, *, docs: int,
+                  seed: int = 0) -> None:
+    """Token shards of `docs` random documents (50-400 tokens, ids >= 2, EOS id 1):
+    what the quick benchmarks feed a random-init teacher."""
+    import numpy as np
+
+    from logitcast.client.shards import ShardWriter
+
+    rng = np.random.default_rng(seed)
+    w = ShardWriter(directory, fingerprint, vocab, 1)
+    for i in range(docs):
+        w.add(rng.integers(2, vocab, size=int(rng.integers(50, 400))))
+        w.commit_source(str(i))
+    w.flush()
+
+
 def write_results(name: str, payload: dict, *, suffix: str = "") -> Path:
     """bench/results/<name><suffix>.json, with the machine facts added."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -100,30 +99,6 @@ def load(address: str, reqs: list, clients: int, application: str | None) -> dic
             "wall_s": wall}
 
 
-def direct_server(port: int, log: Path):
-    import grpc
-
-    from logitcast.protos import teacher_pb2 as pb
-    from logitcast.protos import teacher_pb2_grpc as pb_grpc
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "logitcast.cli.main", "serve", "--model",
-                             MODEL, "--port", str(port), "--dtype", "fp32"],
-                            stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, env=env)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        for _ in range(240):
-            try:
-                pb_grpc.TeacherStub(channel).Info(pb.InfoRequest(), timeout=2)
-                return proc
-            except grpc.RpcError:
-                if proc.poll() is not None:
-                    break
-                time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"direct server did not start; see {log}")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -132,7 +107,8 @@ def main() -> None:
     import logging
     import tempfile
 
-    from logitcast.server.fleet import LocalFleet, free_port
+    from logitcast.cli.serve import start_server_process
+    from logitcast.server.fleet import LocalFleet
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     clients = 4
@@ -140,10 +116,10 @@ def main() -> None:
     reqs = requests(n, rows, seq_len, vocab=8192)
     work = Path(tempfile.mkdtemp(prefix="lc-bench-fleet-"))
     results = {}
-    port = free_port()
-    proc = direct_server(port, work / "direct.log")
+    proc, address, _ = start_server_process(["--model", MODEL, "--dtype", "fp32"],
+                                            work / "direct.log", threads=1)
     try:
-        results["direct"] = load(f"127.0.0.1:{port}", reqs, clients, None)
+        results["direct"] = load(address, reqs, clients, None)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results
+from common import random_corpus, write_results
 
 from logitcast.client.packing import Packer, PackingConfig
 from logitcast.client.shards import ShardWriter, TokenCorpus
@@ -42,14 +42,7 @@ def build_corpus(directory: Path, backend, quick: bool) -> TokenCorpus:
     from logitcast.client.corpus import stdlib_documents
 
     if quick:
-        import numpy as np
-
-        rng = np.random.default_rng(0)
-        w = ShardWriter(directory, backend.tokenizer_fingerprint, backend.vocab_size, 1)
-        for i in range(200):
-            w.add(rng.integers(2, backend.vocab_size, size=int(rng.integers(50, 400))))
-            w.commit_source(str(i))
-        w.flush()
+        random_corpus(directory, backend.tokenizer_fingerprint, backend.vocab_size, docs=200)
     else:
         from logitcast.server.embedded import load_embedded_teacher
 

@@ -23,34 +23,23 @@ import argparse
 import json
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results
+from common import random_corpus, write_results
 
 WARMUP_STEPS = 2
 
 
 def corpus(directory: Path, quick: bool) -> tuple[str, int]:
     """Token shards for the teacher's tokenizer; (fingerprint, vocab)."""
-    from logitcast.client.shards import ShardWriter
-
     if quick:
-        import numpy as np
-
         from logitcast.server.backends import TransformersBackend
 
         backend = TransformersBackend.tiny_random()
-        rng = np.random.default_rng(0)
-        w = ShardWriter(directory, backend.tokenizer_fingerprint, backend.vocab_size, 1)
-        for i in range(120):
-            w.add(rng.integers(2, backend.vocab_size, size=int(rng.integers(50, 400))))
-            w.commit_source(str(i))
-        w.flush()
+        random_corpus(directory, backend.tokenizer_fingerprint, backend.vocab_size, docs=120)
         return backend.tokenizer_fingerprint, backend.vocab_size
     from logitcast.cli.tokenize import load_tokenizer
     from logitcast.client.corpus import stdlib_source_files
@@ -59,38 +48,6 @@ def corpus(directory: Path, quick: bool) -> tuple[str, int]:
     tok, fingerprint, vocab = load_tokenizer("default")
     tokenize_sources(stdlib_source_files()[:40], directory, tok, fingerprint, vocab_size=vocab)
     return fingerprint, vocab
-
-
-def start_server(model: str, cache: Path, log: Path):
-    import socket
-
-    import grpc
-    import torch
-
-    from logitcast.protos import teacher_pb2 as pb
-    from logitcast.protos import teacher_pb2_grpc as pb_grpc
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "logitcast.cli.main", "serve", "--model", model, "--port",
-         str(port), "--cache-dir", str(cache), "--replica-id", "bench",
-         "--dtype", "bf16" if torch.cuda.is_available() else "fp32"],  # bf16 is slow on CPUs
-        stdout=log.open("w"), stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.TeacherStub(channel)
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise RuntimeError(f"teacher server exited; see {log}")
-            try:
-                stub.Info(pb.InfoRequest(), timeout=2)
-                return proc, address
-            except grpc.RpcError:
-                time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"teacher server did not start; see {log}")
 
 
 def train(name: str, base: dict, overrides: dict) -> dict:
@@ -120,6 +77,10 @@ def main() -> None:
     q = args.quick
     import logging
 
+    import torch
+
+    from logitcast.cli.serve import start_server_process
+
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="logitcast-bench-trainer-"))
@@ -133,7 +94,11 @@ def main() -> None:
                 "teacher.spec": {"method": "sample", "unique": 12.0},
                 "loss.alpha": {"name": "constant", "value": 0.5}}
         cache = work / "cache"
-        proc, address = start_server("tiny" if q else "default", cache, work / "server.log")
+        proc, address, _ = start_server_process(
+            ["--model", "tiny" if q else "default", "--cache-dir", str(cache),
+             "--replica-id", "bench",
+             "--dtype", "bf16" if torch.cuda.is_available() else "fp32"],  # bf16: slow on CPUs
+            work / "server.log")
         try:
             online = train("online", base, {"output_dir": str(work / "online"),
                                             "teacher.source": "online",

@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -45,41 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto uses a GPU when one is present")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(cache: Path, device: str, log: Path, threads: int):
-    """`logitcast serve` in a child process; (process, address, metrics port) once it answers."""
-    import grpc
-
-    from logitcast.client.teacher_client import TeacherUnavailableError
-    from logitcast.protos import teacher_pb2 as pb
-    from logitcast.protos import teacher_pb2_grpc as pb_grpc
-
-    port, metrics = _free_port(), _free_port()
-    cmd = [sys.executable, "-m", "logitcast.cli.main", "serve", "--model", "default",
-           "--port", str(port), "--metrics-port", str(metrics), "--cache-dir", str(cache),
-           "--replica-id", "demo", "--device", device, "--drain-grace-s", "30",
-           "--dtype", "fp32" if device == "cpu" else "bf16"]  # bf16 matmuls are slow on CPUs
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    address = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.TeacherStub(channel)
-        for _ in range(600):  # bounded: 5 minutes
-            if proc.poll() is not None:
-                raise TeacherUnavailableError(f"the teacher server exited; see {log}")
-            try:
-                return proc, address, metrics, stub.Info(pb.InfoRequest(), timeout=2)
-            except grpc.RpcError:
-                time.sleep(0.5)
-    proc.kill()
-    raise TeacherUnavailableError(f"the teacher server did not answer in time; see {log}")
-
-
 def _train(name: str, overrides: dict, base: dict):
     from logitcast.trainer import Trainer, load_config, read_log
 
@@ -99,18 +60,16 @@ def _train(name: str, overrides: dict, base: dict):
             "preset": config.student.preset, "params": trainer.num_parameters}
 
 
-def _namespace_bytes_per_token(cache: Path, spec: dict) -> float:
+def _namespace_bytes_per_token(cache: Path, spec: dict, seq_len: int) -> float:
+    """Disk bytes per position of the namespace holding `spec` (one record per row)."""
     from logitcast.cache import CacheReader
     from logitcast.cache.store import list_namespaces
     from logitcast.ops import TargetSpec
-    from logitcast.ops.codec import decode
 
     want = TargetSpec.from_dict(spec)
-
     for ns in list_namespaces(cache):
         if ns.spec == want:
-            reader = CacheReader(cache, ns)
-            positions = sum(len(decode(reader.get(k))) for k in reader.keys())
+            positions = len(CacheReader(cache, ns).keys()) * seq_len
             size = sum(f.stat().st_size for f in (cache / ns.name).rglob("*") if f.is_file())
             return size / max(positions, 1)
     return float("nan")
@@ -145,11 +104,13 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from logitcast.cli.serve import start_server_process
     from logitcast.cli.tokenize import load_tokenizer
     from logitcast.client.corpus import stdlib_source_files
     from logitcast.client.shards import TokenCorpus
     from logitcast.client.tokenize import tokenize_sources
     from logitcast.server.embedded import default_cache_dir
+    from logitcast.server.fleet import free_port
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
@@ -173,8 +134,12 @@ def run(args: argparse.Namespace) -> int:
     # the teacher (the bottleneck here), so both get every core.
     cores = torch.get_num_threads()
     teacher_threads = args.teacher_threads or cores
-    proc, address, server_metrics, info = _start_server(cache, device, work / "server.log",
-                                                        teacher_threads)
+    server_metrics = free_port()
+    proc, address, info = start_server_process(
+        ["--model", "default", "--metrics-port", str(server_metrics), "--cache-dir", str(cache),
+         "--replica-id", "demo", "--device", device, "--drain-grace-s", "30",
+         "--dtype", "fp32" if device == "cpu" else "bf16"],  # bf16 matmuls are slow on CPUs
+        work / "server.log", threads=teacher_threads)
     print(f"[2/6] teacher {info.teacher_id} serving on {address} ({device}); teeing into "
           f"{cache}; metrics http://127.0.0.1:{server_metrics}/metrics", flush=True)
 
@@ -211,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
 
     tokens = args.steps * args.batch * args.seq_len
     wire = results[0]["received"] / tokens
-    on_disk = _namespace_bytes_per_token(cache, rs12)
+    on_disk = _namespace_bytes_per_token(cache, rs12, args.seq_len)
     print(f"[6/6] results after {args.steps} steps x {args.batch} x {args.seq_len} tokens "
           f"({time.perf_counter() - t0:.0f}s in all)\n")
     head = f"{'student':<18}{'params':>8}{'heldout LM':>12}{'KL(T||S)':>10}{'ECE':>8}" \

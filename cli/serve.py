@@ -71,3 +71,41 @@ def run(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def start_server_process(serve_args: list[str], log: Path, *, threads: int | None = None,
+                         timeout_s: float = 300.0):
+    """`logitcast serve` in a child process on a free loopback port, with `serve_args`;
+    returns (process, address, Info response) once it answers, or raises RuntimeError
+    naming the log. threads: OMP_NUM_THREADS of the child (None: inherit)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+
+    from logitcast.protos import teacher_pb2 as pb
+    from logitcast.protos import teacher_pb2_grpc as pb_grpc
+    from logitcast.server.fleet import free_port
+
+    port = free_port()
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "logitcast.cli.main", "serve", "--port", str(port), *serve_args],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.TeacherStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the teacher server exited; see {log}")
+            try:
+                return proc, address, stub.Info(pb.InfoRequest(), timeout=2)
+            except grpc.RpcError:
+                time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"the teacher server did not answer within {timeout_s:.0f}s; see {log}")

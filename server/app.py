@@ -69,6 +69,21 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         return self._deny_stream if details.method.endswith("/Distill") else self._deny
 
 
+def build_core(backend: TeacherBackend, *, engine_config: EngineConfig | None,
+               limits: RequestLimits, methods: tuple[str, ...], cache_dir: str | Path | None,
+               writer_id: str, metrics: TeacherMetrics) -> tuple[Engine, TeacherServicer]:
+    """The serving core around one backend: the engine (with a cache tee as `writer_id`
+    when cache_dir is given) and the servicer. A `TeacherServer` and a Ray Serve replica
+    each wrap one."""
+    tee = CacheTee(cache_dir, writer_id=writer_id, metrics=metrics) if cache_dir else None
+    engine = Engine(backend, engine_config or EngineConfig(), metrics, tee)
+    try:
+        version = metadata.version("logitcast")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return engine, TeacherServicer(engine, limits, methods=methods, version=version)
+
+
 class TeacherServer:
     """A running teacher server. Build with `await TeacherServer.start(...)`."""
 
@@ -97,19 +112,15 @@ class TeacherServer:
         self = object.__new__(cls)
         self.limits = limits or RequestLimits()
         self.metrics = TeacherMetrics()
-        tee = (CacheTee(cache_dir, writer_id=replica_id, metrics=self.metrics)
-               if cache_dir is not None else None)
-        self.engine = Engine(backend, engine_config or EngineConfig(), self.metrics, tee)
+        self.engine, servicer = build_core(backend, engine_config=engine_config,
+                                           limits=self.limits, methods=methods,
+                                           cache_dir=cache_dir, writer_id=replica_id,
+                                           metrics=self.metrics)
         options = [("grpc.max_receive_message_length", self.limits.max_message_bytes),
                    ("grpc.max_send_message_length", self.limits.max_message_bytes)]
         interceptors = [BearerTokenAuth(auth_token)] if auth_token else []
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
-        try:
-            version = metadata.version("logitcast")
-        except metadata.PackageNotFoundError:
-            version = "unknown"
-        pb_grpc.add_TeacherServicer_to_server(
-            TeacherServicer(self.engine, self.limits, methods=methods, version=version), self.server)
+        pb_grpc.add_TeacherServicer_to_server(servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

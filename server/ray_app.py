@@ -27,15 +27,15 @@ import logging
 import re
 import socket
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from typing import Any
 
 import grpc
 from ray import serve
 
 from logitcast.ops import METHODS
+from logitcast.server.app import build_core
 from logitcast.server.backends import load_backend
-from logitcast.server.engine import Engine, EngineConfig
+from logitcast.server.engine import EngineConfig
 from logitcast.server.limits import RequestLimits
 from logitcast.server.metrics import (
     TeacherMetrics,
@@ -43,8 +43,6 @@ from logitcast.server.metrics import (
     remove_scrape_target,
     write_scrape_target,
 )
-from logitcast.server.service import TeacherServicer
-from logitcast.server.tee import CacheTee
 
 logger = logging.getLogger(__name__)
 
@@ -129,15 +127,10 @@ class TeacherDeployment:
             self.replica = socket.gethostname()
         self.metrics = TeacherMetrics()
         writer_id = "ray_" + re.sub(r"\W", "_", self.replica)  # cache writer ids: [A-Za-z0-9_]
-        tee = (CacheTee(c.cache_dir, writer_id=writer_id, metrics=self.metrics)
-               if c.cache_dir else None)
-        self.engine = Engine(backend, EngineConfig(**c.engine), self.metrics, tee)
-        try:
-            version = metadata.version("logitcast")
-        except metadata.PackageNotFoundError:
-            version = "unknown"
-        self.servicer = TeacherServicer(self.engine, RequestLimits(**c.limits),
-                                        methods=tuple(c.methods), version=version)
+        self.engine, self.servicer = build_core(
+            backend, engine_config=EngineConfig(**c.engine), limits=RequestLimits(**c.limits),
+            methods=tuple(c.methods), cache_dir=c.cache_dir, writer_id=writer_id,
+            metrics=self.metrics)
         from prometheus_client import start_http_server
 
         self._http, _ = start_http_server(0, addr=c.metrics_host, registry=self.metrics.registry)

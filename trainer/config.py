@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from logitcast.client.packing import PackingConfig
 from logitcast.ops import KD_LOSSES, TargetSpec
 from logitcast.ops.schedules import ALPHA_SCHEDULES, LR_SCHEDULES, alpha_at, lr_at
 
@@ -150,6 +151,16 @@ class DataConfig:
         _positive("data.micro_batch", self.micro_batch, allow_zero=True)
         if self.mode not in ("rows", "documents"):
             raise ConfigError(f"data.mode must be rows or documents, got {self.mode!r}")
+        try:
+            self.packing()
+        except ValueError as exc:
+            raise ConfigError(f"data: {exc}") from exc
+
+    def packing(self, global_batch: int | None = None) -> PackingConfig:
+        """The packer's config (another global batch for held-out rows)."""
+        return PackingConfig(seq_len=self.seq_len, global_batch=global_batch or self.global_batch,
+                             seed=self.seed, mode=self.mode,
+                             max_document_tokens=self.max_document_tokens)
 
 
 @dataclass(kw_only=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from logitcast.client.packing import Packer, PackingConfig
+from logitcast.client.packing import Packer
 from logitcast.client.shards import TokenCorpus
 from logitcast.ops import KDConfig, TargetSpec, alpha_at, lr_at
 from logitcast.ops.schedules import ALPHA_SCHEDULES, LR_SCHEDULES
@@ -74,9 +74,7 @@ class Trainer:
         self.corpus = TokenCorpus(d.train_tokens)
         self.fingerprint = self.corpus.tokenizer_fingerprint
         self.vocab = c.student.vocab_size or self.corpus.vocab_size
-        packing = PackingConfig(seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
-                                mode=d.mode, max_document_tokens=d.max_document_tokens)
-        self.packer = Packer(self.corpus, packing)
+        self.packer = Packer(self.corpus, d.packing())
         if d.global_batch % self.world:
             raise ConfigError(f"data.global_batch {d.global_batch} does not split over "
                               f"{self.world} ranks")
@@ -160,16 +158,13 @@ class Trainer:
         if e.rows % self.world:
             raise ConfigError(f"eval.rows {e.rows} does not split over {self.world} ranks")
         corpus = TokenCorpus(d.eval_tokens, tokenizer_fingerprint=self.fingerprint)
-        packer = Packer(corpus, PackingConfig(seq_len=d.seq_len, global_batch=e.rows,
-                                              seed=d.seed, mode=d.mode,
-                                              max_document_tokens=d.max_document_tokens))
+        packer = Packer(corpus, d.packing(global_batch=e.rows))
         batch = packer.batch(0, self.rank, self.world)
         kind = self.config.teacher.source if e.source == "same" else e.source
-        t = self.config.teacher
         spec = TargetSpec.from_dict(e.spec)
         source = open_source(kind, spec=spec, stored_spec=spec, prefetch=1,
                              extras=("logprob", "entropy"),
-                             **{**common, "cache_dir": t.cache_dir})
+                             **common)
         if source is None:
             return [(batch, None)]
         try:

@@ -1,5 +1,4 @@
 import math
-import socket
 import threading
 import time
 
@@ -20,15 +19,10 @@ from logitcast.cli.top import (
 from logitcast.client.packing import Packer, PackingConfig
 from logitcast.client.teacher_client import TeacherClient
 from logitcast.ops import TargetSpec
+from logitcast.server.fleet import free_port
 from logitcast.server.metrics import TeacherMetrics
 from logitcast.trainer.metrics import TrainerMetrics
 from tests.server.conftest import ServerThread
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def teacher(t: float, tokens: float, queue: float = 0, inflight: float = 0) -> Scrape:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -24,6 +23,7 @@ from logitcast.cli.top import TopError, query
 from logitcast.client.packing import Packer, PackingConfig
 from logitcast.client.teacher_client import MemoryTargetCache, TeacherClient
 from logitcast.ops import TargetSpec
+from logitcast.server.fleet import free_port
 from logitcast.trainer.metrics import TrainerMetrics
 from tests.client.conftest import write_corpus
 from tests.server.conftest import ServerThread
@@ -35,12 +35,6 @@ SEQ_LEN, ROWS = 32, 2
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (Debian "
                                                             "package `prometheus`; `make system-deps`)")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def recording_rules() -> list[str]:

@@ -1,11 +1,11 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from logitcast.server.fleet import free_port
 from tests.client.conftest import write_corpus
 from tests.server.conftest import ServerThread
 
@@ -39,9 +39,7 @@ def run_config(corpora, out, **overrides) -> list[str]:
 
 
 def torchrun(overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    with socket.socket() as s:  # torchrun's static rendezvous needs a real port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # torchrun's static rendezvous needs a real port
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "logitcast.cli.main",
            "train", *[a for o in overrides for a in ("--set", o)]]
