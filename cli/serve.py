@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    p.add_argument("--metrics-host", default=None,
+                   help="interface /metrics binds to (default: --host); 127.0.0.1 keeps it "
+                        "off the network")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated methods to serve (default: all of {','.join(METHODS)})")
     p.add_argument("--max-batch-tokens", type=int, default=8192)
@@ -64,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         server = await TeacherServer.start(
             backend, host=args.host, port=args.port, engine_config=engine, limits=limits,
-            methods=methods, metrics_port=args.metrics_port, auth_token=token, tls=tls,
+            methods=methods, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+            auth_token=token, tls=tls,
             cache_dir=args.cache_dir, replica_id=args.replica_id,
             metrics_sd_dir=args.metrics_sd_dir)
         await serve_until_signal(server, grace_s=args.drain_grace_s)

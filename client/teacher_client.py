@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import ipaddress
 import logging
 import random
 import threading
@@ -129,6 +130,33 @@ class StepTargets:
     cache_hits: int
 
 
+def is_local_target(address: str) -> bool:
+    """Whether a gRPC target reaches only this machine: a unix socket, `localhost`,
+    127.0.0.0/8 or ::1, written `host:port`, `[::1]:port`, `ipv4:`/`ipv6:` (every
+    address listed) or `dns:[//authority/]host:port`."""
+    def loopback(hostport: str) -> bool:
+        if hostport.startswith("["):
+            host = hostport[1:].partition("]")[0]
+        else:
+            host = hostport if hostport.count(":") > 1 else hostport.partition(":")[0]
+        if host.lower().rstrip(".") == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    scheme, sep, rest = address.partition(":")
+    scheme = scheme.lower() if sep else ""
+    if scheme in ("unix", "unix-abstract"):
+        return True
+    if scheme in ("ipv4", "ipv6"):
+        return all(loopback(a) for a in rest.split(","))
+    if scheme == "dns":
+        return loopback(rest[2:].partition("/")[2] if rest.startswith("//") else rest)
+    return loopback(address)
+
+
 class TeacherClient:
     """Client of a teacher fleet (one or more addresses)."""
 
@@ -153,14 +181,23 @@ class TeacherClient:
         write_cache: bool = True,
         writer_id: str = "client0",
         application: str | None = None,
+        allow_insecure_auth: bool = False,
     ) -> None:
         """cache: None, an object with get/put (e.g. MemoryTargetCache), or a cache
         directory. write_cache: also store fetched misses (single-machine setups; turn
         it off when the servers tee into the same cache). writer_id: this client's cache
         writer id, unique per rank. application: the Ray Serve application name, sent as
-        `application` metadata when the addresses are Ray Serve gRPC proxies."""
+        `application` metadata when the addresses are Ray Serve gRPC proxies.
+        allow_insecure_auth: send `auth_token` without TLS to addresses off this machine
+        (refused by default; loopback and unix sockets are always allowed)."""
         if not addresses:
             raise ValueError("at least one teacher address is needed")
+        if auth_token and not tls_root_certs and not allow_insecure_auth:
+            exposed = [a for a in addresses if not is_local_target(a)]
+            if exposed:
+                raise ValueError(
+                    f"refusing to send the bearer token unencrypted to {', '.join(exposed)}: "
+                    f"use TLS (tls_root_certs=...) or pass allow_insecure_auth=True")
         if prefetch < 1 or max_tries < 1:
             raise ValueError(f"prefetch and max_tries must be >= 1, got {prefetch}, {max_tries}")
         self.addresses, self.spec, self.cache = list(addresses), spec, cache

@@ -8,6 +8,7 @@ finish, then stops. `logitcast serve` and Ray Serve replicas both use this.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 from dataclasses import dataclass
@@ -48,25 +49,41 @@ class TLSConfig:
 
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):
-    """Rejects calls without `authorization: Bearer <token>` (health checks stay open)."""
+    """Rejects calls without `authorization: Bearer <token>` (health checks stay open).
+
+    The header is compared in constant time (`hmac.compare_digest`); a refused call
+    gets UNAUTHENTICATED from a handler of the RPC's own shape, so streaming RPCs
+    (Distill, reflection) fail as cleanly as unary ones."""
 
     def __init__(self, token: str) -> None:
         if not token:
             raise ValueError("auth token must not be empty")
-        self._expected = f"Bearer {token}"
+        self._expected = f"Bearer {token}".encode()
 
-        async def deny(request, context):
+        async def deny(request_or_iterator, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or bad bearer token")
 
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+        self._deny = {
+            (False, False): grpc.unary_unary_rpc_method_handler(deny),
+            (False, True): grpc.unary_stream_rpc_method_handler(deny),
+            (True, False): grpc.stream_unary_rpc_method_handler(deny),
+            (True, True): grpc.stream_stream_rpc_method_handler(deny),
+        }
+
+    def _authorized(self, metadata) -> bool:
+        value = next((v for k, v in metadata or () if k == "authorization"), None)
+        if isinstance(value, str):
+            value = value.encode("utf-8", "surrogateescape")
+        return isinstance(value, bytes) and hmac.compare_digest(value, self._expected)
 
     async def intercept_service(self, continuation, details):
-        if details.method.startswith("/grpc.health.v1.Health/"):
-            return await continuation(details)
-        if dict(details.invocation_metadata or ()).get("authorization") == self._expected:
-            return await continuation(details)
-        return self._deny_stream if details.method.endswith("/Distill") else self._deny
+        handler = await continuation(details)
+        if (details.method.startswith("/grpc.health.v1.Health/")
+                or self._authorized(details.invocation_metadata)):
+            return handler
+        if handler is None:  # unknown method: refused too, so names leak only to the token
+            return self._deny[True, True]
+        return self._deny[handler.request_streaming, handler.response_streaming]
 
 
 def build_core(backend: TeacherBackend, *, engine_config: EngineConfig | None,
@@ -106,9 +123,13 @@ class TeacherServer:
         cache_dir: str | Path | None = None,
         replica_id: str = "r0",
         metrics_sd_dir: str | Path | None = None,
+        metrics_host: str | None = None,
     ) -> TeacherServer:
         """cache_dir: tee every served target into this cache (as writer `replica_id`).
-        metrics_sd_dir: register the /metrics endpoint there for Prometheus file_sd."""
+        metrics_host: the interface /metrics binds to (None: `host`), e.g. 127.0.0.1 to
+        keep it off the network while gRPC listens on 0.0.0.0.
+        metrics_sd_dir: register the /metrics endpoint (at the host it is bound to) there
+        for Prometheus file_sd."""
         self = object.__new__(cls)
         self.limits = limits or RequestLimits()
         self.metrics = TeacherMetrics()
@@ -134,14 +155,16 @@ class TeacherServer:
         self.address = f"{host}:{self.port}"
         self._http = None
         self.metrics_port = None
+        self.metrics_host = host if metrics_host is None else metrics_host
         if metrics_port is not None:
-            self._http, _ = start_http_server(metrics_port, addr=host, registry=self.metrics.registry)
+            self._http, _ = start_http_server(metrics_port, addr=self.metrics_host,
+                                              registry=self.metrics.registry)
             self.metrics_port = self._http.server_port
         self._sd = None
         if metrics_sd_dir is not None and self.metrics_port is not None:
             self._sd = (metrics_sd_dir, f"teacher-{replica_id}")
             write_scrape_target(metrics_sd_dir, self._sd[1],
-                                f"{reachable_host(host)}:{self.metrics_port}",
+                                f"{reachable_host(self.metrics_host)}:{self.metrics_port}",
                                 {"replica": replica_id})
         self.engine.start()
         await self.server.start()

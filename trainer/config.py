@@ -90,6 +90,9 @@ class TeacherConfig:
     """Steps fetched ahead of the trainer."""
     auth_token: str | None = None
     """online: bearer token the servers expect."""
+    allow_insecure_auth: bool = False
+    """online: send auth_token over plain (non-TLS) gRPC to addresses off this machine;
+    without it the client refuses (loopback addresses are always allowed)."""
     application: str | None = None
     """online: the Ray Serve application name when the addresses are Ray Serve gRPC
     proxies (`logitcast fleet up` serves 'logitcast')."""

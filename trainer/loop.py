@@ -120,7 +120,8 @@ class Trainer:
         common = {"tokenizer_fingerprint": self.fingerprint, "vocab_size": self.vocab,
                   "document_mode": d.mode == "documents", "addresses": t.addresses,
                   "cache_dir": t.cache_dir, "teacher_id": t.teacher_id,
-                  "auth_token": t.auth_token, "application": t.application,
+                  "auth_token": t.auth_token, "allow_insecure_auth": t.allow_insecure_auth,
+                  "application": t.application,
                   "rank": self.rank, "device": str(self.device)}
         self.source = open_source(t.source, spec=t.target_spec(), stored_spec=t.stored_target_spec(),
                                   write_cache=t.write_cache, prefetch=t.prefetch,

@@ -42,8 +42,8 @@ def open_source(source: str, *, spec: TargetSpec, stored_spec: TargetSpec | None
                 tokenizer_fingerprint: str, vocab_size: int, document_mode: bool,
                 addresses: list[str] = (), cache_dir: str | None = None,
                 write_cache: bool = False, teacher_id: str | None = None, prefetch: int = 4,
-                auth_token: str | None = None, application: str | None = None,
-                rank: int = 0, device: str = "cpu",
+                auth_token: str | None = None, allow_insecure_auth: bool = False,
+                application: str | None = None, rank: int = 0, device: str = "cpu",
                 extras: tuple[str, ...] = ("logprob",), metrics: ClientMetrics | None = None):
     """TeacherClient (online), CacheSource (cache) or None (none)."""
     if source == "none":
@@ -53,7 +53,8 @@ def open_source(source: str, *, spec: TargetSpec, stored_spec: TargetSpec | None
                              vocab_size=vocab_size, teacher_id=teacher_id, cache=cache_dir,
                              write_cache=write_cache, writer_id=f"trainer-rank{rank}",
                              prefetch=prefetch, device=device, extras=extras,
-                             auth_token=auth_token, application=application, metrics=metrics)
+                             auth_token=auth_token, allow_insecure_auth=allow_insecure_auth,
+                             application=application, metrics=metrics)
     if source == "cache":
         stored = find_namespace(cache_dir, tokenizer_fingerprint=tokenizer_fingerprint,
                                 spec=stored_spec or spec, document_mode=document_mode,
