@@ -47,14 +47,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results
 
-from logitcast.cache import CacheNamespace, CacheWriter, row_key
+from logitcast.cache import CacheNamespace, CacheWriter
 from logitcast.client.offline import CacheSource
 from logitcast.client.packing import IGNORE, Packer, PackingConfig
 from logitcast.client.shards import TokenCorpus
 from logitcast.ops import KDConfig, TargetSpec, alpha_at, full_kd_loss, lr_at, sparsify
 from logitcast.ops.codec import encode
-from logitcast.ops.sparsifiers import row_positions
-from logitcast.protos.convert import signed64
+from logitcast.ops.rowkey import draw_coordinates
 from logitcast.trainer.objective import evaluate_batch, last_hidden, student_loss, summarize
 from logitcast.trainer.students import build_student, num_parameters
 
@@ -110,14 +109,15 @@ def fill_cache(backend, packer: Packer, steps: int, cache: Path, fingerprint: st
         tokens = batch.input_ids
         hidden = backend.hidden_states(tokens)
         labels = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1)
-        keys = torch.tensor([signed64(h) for h in batch.row_hashes], dtype=torch.int64)
+        seq = tokens.shape[1]
+        keys, draw, pos = draw_coordinates(tokens)
         for r in range(tokens.shape[0]):
             logits = backend.logits(hidden[r])
-            k, pos = row_positions(keys[r:r + 1], tokens.shape[1])
+            span = slice(r * seq, (r + 1) * seq)
             for name, spec in SPECS.items():
-                t = sparsify(logits, spec, row_keys=k, positions=pos, labels=labels[r],
-                             entropy=False)
-                writers[name].put(row_key(tokens[r]), encode(t))
+                t = sparsify(logits, spec, row_keys=draw[span], positions=pos[span],
+                             labels=labels[r], entropy=False)
+                writers[name].put(keys[r], encode(t))
     for w in writers.values():
         w.close()
     return {"seconds": time.perf_counter() - t0,

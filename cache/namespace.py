@@ -3,8 +3,9 @@
 A namespace is everything that makes two targets for the same row comparable:
 teacher, tokenizer, target spec, codec version and attention mode. Each has its
 own directory (named by a hash of those fields) with a manifest recording them.
-A record key is the content of what was taught: a row's tokens, or in document
-mode one document piece's tokens.
+A record key is `logitcast.ops.rowkey.row_key` of what was taught: a row's
+tokens, or in document mode one document piece's tokens; the row-key version is
+part of the namespace, so targets drawn under another key derivation never mix.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-
 from logitcast.ops.codec import VERSION
+from logitcast.ops.rowkey import KEY_BYTES, ROW_KEY_VERSION, row_key
 from logitcast.ops.spec import TargetSpec
 
-KEY_BYTES = 16
+__all__ = ["KEY_BYTES", "CacheNamespace", "row_key"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,18 +31,21 @@ class CacheNamespace:
     spec: TargetSpec
     codec_version: int = VERSION
     document_mode: bool = False
+    row_key_version: int = ROW_KEY_VERSION
 
     def to_dict(self) -> dict:
         return {"teacher_id": self.teacher_id, "tokenizer_fingerprint": self.tokenizer_fingerprint,
                 "spec": self.spec.to_dict(), "codec_version": self.codec_version,
-                "document_mode": self.document_mode}
+                "document_mode": self.document_mode,
+                "row_key_version": self.row_key_version}
 
     @classmethod
     def from_dict(cls, d: dict) -> CacheNamespace:
         try:
             return cls(teacher_id=d["teacher_id"], tokenizer_fingerprint=d["tokenizer_fingerprint"],
                        spec=TargetSpec.from_dict(d["spec"]), codec_version=int(d["codec_version"]),
-                       document_mode=bool(d["document_mode"]))
+                       document_mode=bool(d["document_mode"]),
+                       row_key_version=int(d.get("row_key_version", 1)))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"bad cache namespace manifest: {exc}") from exc
 
@@ -53,8 +55,3 @@ class CacheNamespace:
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.blake2b(blob, digest_size=12).hexdigest()
 
-
-def row_key(tokens: torch.Tensor | np.ndarray) -> bytes:
-    """16-byte key of a row (or document piece): blake2b of its int32 little-endian tokens."""
-    arr = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
-    return hashlib.blake2b(arr.astype("<i4").tobytes(), digest_size=KEY_BYTES).digest()

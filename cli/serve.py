@@ -25,8 +25,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument("--max-queue-tokens", type=int, default=262144)
+    p.add_argument("--max-queue-bytes", type=int, default=512 << 20,
+                   help="memory budget of admitted requests: inputs plus undelivered output")
+    p.add_argument("--stream-buffer-bytes", type=int, default=16 << 20,
+                   help="undelivered output one stream may hold before its job pauses")
+    p.add_argument("--stall-timeout-s", type=float, default=60.0,
+                   help="cancel a stream whose client reads nothing for this long")
+    p.add_argument("--max-teacher-faults", type=int, default=3,
+                   help="consecutive failed batches (NaN/inf, crashes) before NOT_SERVING")
     p.add_argument("--max-rows", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=131072)
+    p.add_argument("--max-draws", type=int, default=128,
+                   help="largest draws / max_draws a sampled spec may ask for")
+    p.add_argument("--allow-full", action="store_true",
+                   help="serve dense `full` targets (V entries per position)")
+    p.add_argument("--max-full-vocab", type=int, default=8192,
+                   help="refuse `full` for teachers with a larger vocabulary")
     p.add_argument("--auth-token-file", type=Path, default=None,
                    help="require 'authorization: Bearer <token>' with the token in this file")
     p.add_argument("--tls-cert", type=Path, default=None)
@@ -58,11 +72,20 @@ def run(args: argparse.Namespace) -> int:
     tls = (TLSConfig(key=args.tls_key.read_bytes(), cert=args.tls_cert.read_bytes())
            if args.tls_cert else None)
     token = args.auth_token_file.read_text().strip() if args.auth_token_file else None
+    try:
+        engine = EngineConfig(max_batch_tokens=args.max_batch_tokens,
+                              max_wait_s=args.max_wait_ms / 1000.0,
+                              max_queue_tokens=args.max_queue_tokens,
+                              max_queue_bytes=args.max_queue_bytes,
+                              stream_buffer_bytes=args.stream_buffer_bytes,
+                              stall_timeout_s=args.stall_timeout_s,
+                              max_teacher_faults=args.max_teacher_faults)
+        limits = RequestLimits(max_rows=args.max_rows, max_tokens=args.max_tokens,
+                               max_draws=args.max_draws, allow_full=args.allow_full,
+                               max_full_vocab=args.max_full_vocab)
+    except ValueError as exc:
+        raise SystemExit(f"logitcast serve: {exc}") from exc
     backend = load_backend(args.model, dtype=args.dtype, device=args.device)
-    engine = EngineConfig(max_batch_tokens=args.max_batch_tokens,
-                          max_wait_s=args.max_wait_ms / 1000.0,
-                          max_queue_tokens=args.max_queue_tokens)
-    limits = RequestLimits(max_rows=args.max_rows, max_tokens=args.max_tokens)
 
     async def main() -> None:
         server = await TeacherServer.start(

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from logitcast.cache import CacheNamespace, CacheReader, row_key
+from logitcast.cache import CacheNamespace, CacheReader
 from logitcast.client.metrics import ClientMetrics
 from logitcast.client.packing import PackedBatch
 from logitcast.client.teacher_client import StepTargets, batch_units, is_padding, prefetched
 from logitcast.ops import SparseTargets, TargetSpec
 from logitcast.ops.codec import decode
 from logitcast.ops.derive import can_derive, derive
-from logitcast.protos.convert import signed64
+from logitcast.ops.rowkey import draw_key, row_key
 
 
 class CacheMissError(KeyError):
@@ -60,27 +60,21 @@ class CacheSource:
                 parts.append(SparseTargets.empty(e - s, self.vocab_size,
                                                  tail_from_counts=self.spec.proposal_t == 1.0))
                 continue
-            payload = self.reader.get(row_key(batch.input_ids[r, s:e]))
+            key = row_key(batch.input_ids[r, s:e])
+            payload = self.reader.get(key)
             if payload is None:
                 raise CacheMissError(f"step {batch.step} row {r} [{s}:{e}] is not in cache "
                                      f"{self.reader.storage.root}/{self.stored.name}")
             part = decode(payload)
             if self.spec != self.stored.spec:
-                keys, pos = self._coordinates(batch, r, s, e)
-                part = derive(part, self.stored.spec, self.spec, row_keys=keys, positions=pos)
+                part = derive(part, self.stored.spec, self.spec,
+                              row_keys=torch.full((e - s,), draw_key(key), dtype=torch.int64),
+                              positions=torch.arange(e - s))
             parts.append(part)
         self.metrics.cache_hits.inc(len(parts))
         targets = SparseTargets.cat(parts)
         return StepTargets(batch, targets.to(self.device) if self.device.type != "cpu" else targets,
                            len(parts))
-
-    @staticmethod
-    def _coordinates(batch: PackedBatch, r: int, s: int, e: int):
-        n = e - s
-        key = signed64(batch.row_hashes[r]) if batch.document_ids is None else \
-            int.from_bytes(row_key(batch.input_ids[r, s:e])[:8], "little", signed=True)
-        pos = torch.arange(s, e) if batch.document_ids is None else torch.arange(n)
-        return torch.full((n,), key, dtype=torch.int64), pos
 
     def stream(self, batches: Iterable[PackedBatch]) -> Iterator[StepTargets]:
         """Targets for `batches` in order, read `prefetch` steps ahead."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from logitcast.client.shards import TokenCorpus
-from logitcast.protos.convert import content_hash
+from logitcast.ops.rowkey import row_key
 
 IGNORE = -100
 
@@ -65,8 +65,8 @@ class PackedBatch:
     """int64 [B, T], IGNORE on padding"""
     document_ids: torch.Tensor | None
     """int64 [B, T] (document mode) or None"""
-    row_hashes: tuple[int, ...]
-    """content_hash of each row's input_ids: the rows' keys on the wire and in the cache"""
+    row_keys: tuple[bytes, ...]
+    """`ops.rowkey.row_key` of each row's input_ids: what the server echoes per row"""
 
 
 class Packer:
@@ -93,7 +93,7 @@ class Packer:
         ids = torch.stack([r[0] for r in rows])
         labels = torch.stack([r[1] for r in rows])
         docs = torch.stack([r[2] for r in rows]) if self.config.mode == "documents" else None
-        return PackedBatch(step, ids, labels, docs, tuple(content_hash(r) for r in ids))
+        return PackedBatch(step, ids, labels, docs, tuple(row_key(r) for r in ids))
 
     def row(self, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(input_ids, labels, document_ids or None) of global row g."""

@@ -5,8 +5,9 @@ the fleet (one server-streaming Distill call), verifies every chunk (CRC and
 the server's echo of each row's content hash), writes fetched rows back to the
 cache, and decodes to tensors on the trainer's device. A window of upcoming
 steps is fetched in the background; steps are delivered exactly once, in
-order. UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED are retried on the
-next address with jittered backoff; anything else, or too many tries, raises.
+order. UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED / INTERNAL are
+retried on the next address with jittered backoff, asking only for the rows not
+yet received; anything else (a bad request), or too many tries, raises.
 
 It knows nothing about training: it takes `PackedBatch`es, gives `StepTargets`.
 """
@@ -29,24 +30,27 @@ from pathlib import Path
 import grpc
 import torch
 
-from logitcast.cache import CacheNamespace, TargetCache, row_key
+from logitcast.cache import CacheNamespace, TargetCache
 from logitcast.client.metrics import ClientMetrics
 from logitcast.client.packing import IGNORE, PackedBatch
 from logitcast.ops import SparseTargets, TargetSpec
 from logitcast.ops.codec import VERSION, decode, encode
+from logitcast.ops.rowkey import row_key, units
 from logitcast.protos import teacher_pb2 as pb
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
 from logitcast.protos.convert import (
     MAX_MESSAGE_BYTES,
-    document_segments,
     rows_to_proto,
     spec_to_proto,
 )
 
 logger = logging.getLogger(__name__)
 
+#: Retried on the next address (bounded by max_tries): draining or unhealthy replicas,
+#: deadlines, overload (budgets, OOM, a stalled stream) and teacher faults, which one
+#: sick replica may produce while its health check catches up.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.RESOURCE_EXHAUSTED)
+             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
 
 
 class TeacherMismatchError(RuntimeError):
@@ -109,10 +113,7 @@ def prefetched(fetch, batches: Iterable[PackedBatch], pool: ThreadPoolExecutor, 
 
 def batch_units(batch: PackedBatch) -> list[tuple[int, int, int]]:
     """(row, start, end) of every cache unit: whole rows, or document segments."""
-    t = batch.input_ids.shape[1]
-    if batch.document_ids is None:
-        return [(r, 0, t) for r in range(batch.input_ids.shape[0])]
-    return document_segments(batch.document_ids)
+    return units(batch.input_ids, batch.document_ids)
 
 
 def is_padding(batch: PackedBatch, unit: tuple[int, int, int]) -> bool:
@@ -306,18 +307,16 @@ class TeacherClient:
             return self._disk_caches[document_mode]
 
     def _fetch_rows(self, batch: PackedBatch, rows: list[int]) -> list[bytes]:
-        docs = batch.document_ids[rows] if batch.document_ids is not None else None
-        request = pb.DistillRequest(
-            rows=rows_to_proto(batch.input_ids[rows], docs),
-            row_keys=[batch.row_hashes[i] for i in rows], spec=spec_to_proto(self.spec),
-            codec_version=VERSION, teacher_id=self.teacher_id, rows_per_chunk=1,
-            extras=list(self.extras))
-        start = batch.step  # spread steps over addresses
+        """Payloads of `rows` of `batch`. After a failure (mid-stream included) only the
+        rows not yet received are asked for again, from the next address."""
+        got: dict[int, bytes] = {}
         last = None
         for attempt in range(self.max_tries):
-            i = (start + attempt) % len(self._stubs)
+            pending = [r for r in rows if r not in got]
+            i = (batch.step + attempt) % len(self._stubs)  # spread steps over addresses
             try:
-                return self._distill(self._stubs[i], request, [batch.row_hashes[r] for r in rows])
+                self._distill(self._stubs[i], batch, pending, got)
+                return [got[r] for r in rows]
             except (grpc.RpcError, CorruptStreamError) as exc:
                 if isinstance(exc, grpc.RpcError) and exc.code() not in RETRYABLE:
                     raise
@@ -325,29 +324,39 @@ class TeacherClient:
                 last = f"{code}: {exc.details() if isinstance(exc, grpc.RpcError) else exc}"
                 self.metrics.retries.labels(code).inc()
                 delay = self.backoff_s * (2 ** min(attempt, 5)) * (0.5 + random.random())
-                logger.warning("step %d: %s from %s; retrying on another address in %.2fs",
-                               batch.step, last, self.addresses[i], delay)
+                logger.warning("step %d: %s from %s after %d of %d rows; asking for the other "
+                               "%d elsewhere in %.2fs", batch.step, last, self.addresses[i],
+                               len(got), len(rows), len(rows) - len(got), delay)
                 time.sleep(delay)
         raise TeacherUnavailableError(
-            f"step {batch.step}: no targets after {self.max_tries} tries over "
-            f"{self.addresses}; last error {last}")
+            f"step {batch.step}: {len(rows) - len(got)} of {len(rows)} rows missing after "
+            f"{self.max_tries} tries over {self.addresses}; last error {last}")
 
-    def _distill(self, stub, request: pb.DistillRequest, hashes: list[int]) -> list[bytes]:
-        out: list[bytes] = []
+    def _distill(self, stub, batch: PackedBatch, rows: list[int], got: dict[int, bytes]) -> None:
+        """Stream `rows` of `batch` into `got` (batch row -> payload), checking each chunk's
+        CRC and the server's echo of the row's key; raises on the first bad chunk."""
+        docs = batch.document_ids[rows] if batch.document_ids is not None else None
+        request = pb.DistillRequest(
+            rows=rows_to_proto(batch.input_ids[rows], docs), spec=spec_to_proto(self.spec),
+            codec_version=VERSION, teacher_id=self.teacher_id, rows_per_chunk=1,
+            extras=list(self.extras))
+        received = 0
         for chunk in stub.Distill(request, timeout=self.timeout_s, metadata=self._meta):
             if zlib.crc32(chunk.payload) != chunk.crc32:
                 raise CorruptStreamError(f"chunk for rows {chunk.row_start}+{chunk.row_count} "
                                          f"failed its CRC check")
-            if chunk.row_start != len(out) or chunk.row_count != 1:
+            if chunk.row_start != received or chunk.row_count != 1 or received >= len(rows):
                 raise CorruptStreamError(f"unexpected chunk rows {chunk.row_start}+{chunk.row_count}")
-            if list(chunk.row_hashes) != hashes[chunk.row_start:chunk.row_start + 1]:
-                raise CorruptStreamError(f"row {chunk.row_start}: the server saw other tokens "
-                                   f"(hash {list(chunk.row_hashes)} != {hashes[chunk.row_start]})")
+            row = rows[received]
+            if list(chunk.row_keys) != [batch.row_keys[row]]:
+                raise CorruptStreamError(f"row {row}: the server saw other tokens (key "
+                                         f"{[k.hex() for k in chunk.row_keys]} != "
+                                         f"{batch.row_keys[row].hex()})")
             self.metrics.received_bytes.inc(len(chunk.payload))
-            out.append(chunk.payload)
-        if len(out) != len(hashes):
-            raise CorruptStreamError(f"stream ended after {len(out)} of {len(hashes)} rows")
-        return out
+            got[row] = chunk.payload
+            received += 1
+        if received != len(rows):
+            raise CorruptStreamError(f"stream ended after {received} of {len(rows)} rows")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

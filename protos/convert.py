@@ -7,8 +7,6 @@ It knows nothing about serving, batching or caching.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 
@@ -73,30 +71,3 @@ def _from_int32_bytes(data: bytes, rows: int, seq: int, field: str) -> torch.Ten
         raise ValueError(f"{field} has {len(data)} bytes, expected rows*seq_len*4 = {want}")
     arr = np.frombuffer(data, dtype="<i4").reshape(rows, seq)
     return torch.from_numpy(arr.astype(np.int64))
-
-
-def content_hash(tokens: torch.Tensor | np.ndarray) -> int:
-    """blake2b-64 of int32 little-endian token bytes, as an unsigned int (the wire's fixed64)."""
-    arr = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
-    digest = hashlib.blake2b(arr.astype("<i4").tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def signed64(key: int) -> int:
-    """A fixed64 wire value as the int64 that `logitcast.ops` uses for row keys."""
-    return key - (1 << 64) if key >= 1 << 63 else key
-
-
-def document_segments(document_ids: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(row, start, end) of every run of equal document ids, row by row.
-
-    document_ids: int64 [B, T], non-decreasing within a row.
-    """
-    b, t = document_ids.shape
-    change = torch.ones(b, t, dtype=torch.bool, device=document_ids.device)
-    change[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    segments = []
-    for row, starts in enumerate(change.cpu().numpy()):
-        edges = [*starts.nonzero()[0].tolist(), t]
-        segments.extend((row, s, e) for s, e in zip(edges[:-1], edges[1:]))
-    return segments

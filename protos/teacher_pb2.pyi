@@ -43,36 +43,34 @@ class Rows(_message.Message):
     def __init__(self, tokens: _Optional[bytes] = ..., rows: _Optional[int] = ..., seq_len: _Optional[int] = ..., document_ids: _Optional[bytes] = ...) -> None: ...
 
 class DistillRequest(_message.Message):
-    __slots__ = ("rows", "row_keys", "spec", "codec_version", "teacher_id", "rows_per_chunk", "extras")
+    __slots__ = ("rows", "spec", "codec_version", "teacher_id", "rows_per_chunk", "extras")
     ROWS_FIELD_NUMBER: _ClassVar[int]
-    ROW_KEYS_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     CODEC_VERSION_FIELD_NUMBER: _ClassVar[int]
     TEACHER_ID_FIELD_NUMBER: _ClassVar[int]
     ROWS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
     EXTRAS_FIELD_NUMBER: _ClassVar[int]
     rows: Rows
-    row_keys: _containers.RepeatedScalarFieldContainer[int]
     spec: TargetSpec
     codec_version: int
     teacher_id: str
     rows_per_chunk: int
     extras: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, rows: _Optional[_Union[Rows, _Mapping]] = ..., row_keys: _Optional[_Iterable[int]] = ..., spec: _Optional[_Union[TargetSpec, _Mapping]] = ..., codec_version: _Optional[int] = ..., teacher_id: _Optional[str] = ..., rows_per_chunk: _Optional[int] = ..., extras: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, rows: _Optional[_Union[Rows, _Mapping]] = ..., spec: _Optional[_Union[TargetSpec, _Mapping]] = ..., codec_version: _Optional[int] = ..., teacher_id: _Optional[str] = ..., rows_per_chunk: _Optional[int] = ..., extras: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DistillChunk(_message.Message):
-    __slots__ = ("row_start", "row_count", "payload", "crc32", "row_hashes")
+    __slots__ = ("row_start", "row_count", "payload", "crc32", "row_keys")
     ROW_START_FIELD_NUMBER: _ClassVar[int]
     ROW_COUNT_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
-    ROW_HASHES_FIELD_NUMBER: _ClassVar[int]
+    ROW_KEYS_FIELD_NUMBER: _ClassVar[int]
     row_start: int
     row_count: int
     payload: bytes
     crc32: int
-    row_hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, row_start: _Optional[int] = ..., row_count: _Optional[int] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ..., row_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    row_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, row_start: _Optional[int] = ..., row_count: _Optional[int] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ..., row_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

@@ -86,6 +86,37 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         return self._deny[handler.request_streaming, handler.response_streaming]
 
 
+class MalformedRequestGuard(grpc.aio.ServerInterceptor):
+    """Bytes that do not parse as the RPC's request message get INVALID_ARGUMENT naming the
+    parse error (gRPC's own deserializer failure would surface as UNKNOWN)."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if (handler is None or not details.method.startswith(f"/{SERVICE_NAME}/")
+                or handler.request_streaming):
+            return handler
+        parse, behavior = handler.request_deserializer, handler.unary_unary or handler.unary_stream
+
+        def tolerant(data: bytes):
+            try:
+                return parse(data)
+            except Exception as exc:
+                return _Malformed(f"request to {details.method} is not a valid message: {exc}")
+
+        async def guarded(request, context):
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            return await behavior(request, context)
+
+        kind = "unary_unary" if handler.unary_unary else "unary_stream"
+        return handler._replace(request_deserializer=tolerant, **{kind: guarded})
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    reason: str
+
+
 def build_core(backend: TeacherBackend, *, engine_config: EngineConfig | None,
                limits: RequestLimits, methods: tuple[str, ...], cache_dir: str | Path | None,
                writer_id: str, metrics: TeacherMetrics) -> tuple[Engine, TeacherServicer]:
@@ -140,6 +171,7 @@ class TeacherServer:
         options = [("grpc.max_receive_message_length", self.limits.max_message_bytes),
                    ("grpc.max_send_message_length", self.limits.max_message_bytes)]
         interceptors = [BearerTokenAuth(auth_token)] if auth_token else []
+        interceptors.append(MalformedRequestGuard())
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_TeacherServicer_to_server(servicer, self.server)
         self.health = health.aio.HealthServicer()
@@ -166,6 +198,7 @@ class TeacherServer:
             write_scrape_target(metrics_sd_dir, self._sd[1],
                                 f"{reachable_host(self.metrics_host)}:{self.metrics_port}",
                                 {"replica": replica_id})
+        self.engine.on_unhealthy.append(self._unhealthy)
         self.engine.start()
         await self.server.start()
         for name in ("", SERVICE_NAME):
@@ -174,6 +207,14 @@ class TeacherServer:
         logger.info("serving %s on %s (vocab %d, metrics port %s)", backend.teacher_id,
                     self.address, backend.vocab_size, self.metrics_port)
         return self
+
+    def _unhealthy(self, reason: str) -> None:
+        """The engine gave up on the teacher: health NOT_SERVING so balancers route away
+        (new requests already get UNAVAILABLE from the engine)."""
+        logger.error("health NOT_SERVING: %s", reason)
+        self.metrics.serving.set(0)
+        for name in ("", SERVICE_NAME):
+            asyncio.ensure_future(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
 
     async def drain(self, grace_s: float = 30.0) -> None:
         """Health NOT_SERVING, refuse new work (UNAVAILABLE), finish in-flight, stop."""

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from logitcast.protos.convert import document_segments
+from logitcast.ops.rowkey import segments
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class TransformersBackend:
         # the segment alone, not on how it was packed. On GPUs a flash-attention varlen
         # kernel does the same without the grouping.
         groups: dict[int, list[tuple[int, int, int]]] = {}
-        for seg in document_segments(document_ids):
+        for seg in segments(document_ids):
             groups.setdefault(seg[2] - seg[1], []).append(seg)
         out = None
         for segs in groups.values():

@@ -1,14 +1,26 @@
-"""Request errors of the teacher server and the one place they become gRPC status codes.
+"""Errors of the teacher server and the one place they become gRPC status codes.
 
-Everything below the servicer raises plain exceptions; `status_for` maps them:
-INVALID_ARGUMENT (bad request whatever the state), FAILED_PRECONDITION
-(tokenizer/vocab/codec mismatch), NOT_FOUND (unknown teacher),
-RESOURCE_EXHAUSTED (queue or size limits), UNAVAILABLE (draining).
+Everything below the servicer raises plain exceptions; `status_for` maps them,
+and nothing else in the server picks a status code:
+
+| exception                                  | status              | client      |
+|--------------------------------------------|---------------------|-------------|
+| ValueError (InvalidSpecError, ...), raised by admission before any compute | INVALID_ARGUMENT | fails |
+| PreconditionError, CodecVersionError       | FAILED_PRECONDITION | fails       |
+| UnknownTeacherError                        | NOT_FOUND           | fails       |
+| OverloadedError (budgets, OOM), StreamStalledError | RESOURCE_EXHAUSTED | retries elsewhere |
+| DrainingError (draining, or unhealthy)     | UNAVAILABLE         | retries elsewhere |
+| TeacherFault (NaN/inf logits, a failed forward or encode) and anything else | INTERNAL | retries elsewhere, bounded |
+
+Compute-time failures never surface as a `ValueError`: the engine wraps them in
+`TeacherFault` (or `OverloadedError` for out-of-memory), so a bad teacher is
+never reported to a client as the client's bad request.
 """
 
 from __future__ import annotations
 
 import grpc
+import torch
 
 from logitcast.ops.errors import CodecVersionError
 
@@ -22,11 +34,27 @@ class UnknownTeacherError(Exception):
 
 
 class OverloadedError(Exception):
-    """Admitting the request would exceed a queue or size limit."""
+    """Admitting or running the request would exceed a budget, or the device ran out of memory."""
+
+
+class StreamStalledError(OverloadedError):
+    """The client stopped reading its stream; the server cancelled the job to free its buffer."""
 
 
 class DrainingError(Exception):
-    """The server is shutting down; retry on another replica."""
+    """The server is shutting down or unhealthy; retry on another replica."""
+
+
+class TeacherFault(Exception):
+    """The teacher (or the encoder after it) failed on well-formed input: NaN/inf logits,
+    a crashed forward pass. The server's fault, not the request's."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA OOM, Python's MemoryError, or torch's CPU allocator failing."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
@@ -35,10 +63,12 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, UnknownTeacherError):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, OverloadedError):
+    if isinstance(exc, OverloadedError) or is_out_of_memory(exc):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, DrainingError):
         return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, TeacherFault):
+        return grpc.StatusCode.INTERNAL
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL

@@ -38,8 +38,23 @@ class TeacherMetrics:
                                          "Teacher forward time per batch", buckets=_SECONDS,
                                          registry=r)
         self.sparsify_seconds = Histogram("logitcast_teacher_sparsify_seconds",
-                                          "LM head + sparsify + encode time per batch",
+                                          "LM head + sparsify time per batch (device stage)",
                                           buckets=_SECONDS, registry=r)
+        self.encode_seconds = Histogram("logitcast_teacher_encode_seconds",
+                                        "Encode + row keys + tee time per batch (CPU stage)",
+                                        buckets=_SECONDS, registry=r)
+        self.reserved_bytes = Gauge("logitcast_teacher_reserved_bytes",
+                                    "Memory budget held by admitted requests (inputs and "
+                                    "undelivered output)", registry=r)
+        self.batch_budget_tokens = Gauge("logitcast_teacher_batch_budget_tokens",
+                                         "Current tokens per forward batch (shrinks after OOM)",
+                                         registry=r)
+        self.faults = Counter("logitcast_teacher_faults",
+                              "Batches the teacher failed on, by kind (nonfinite, oom, error)",
+                              ["kind"], registry=r)
+        self.stalled_streams = Counter("logitcast_teacher_stalled_streams",
+                                       "Streams cancelled because the client stopped reading",
+                                       registry=r)
         self.queue_tokens = Gauge("logitcast_teacher_queue_tokens",
                                   "Admitted tokens waiting for the teacher", registry=r)
         self.inflight = Gauge("logitcast_teacher_inflight_requests", "Open Distill streams",

@@ -150,7 +150,7 @@ class TeacherDeployment:
 
     async def Distill(self, request, grpc_context=None):
         self._start()
-        async for chunk in self.servicer.Distill(request, RayContext(grpc_context)):
+        async for chunk in self.servicer.distill_chunks(request, RayContext(grpc_context)):
             yield chunk
 
     async def Info(self, request, grpc_context=None):
@@ -162,11 +162,13 @@ class TeacherDeployment:
         return await self.servicer.Score(request, RayContext(grpc_context))
 
     def check_health(self) -> None:
-        """Serve's health probe: the batcher task must be alive once started."""
-        task = getattr(self.engine, "_task", None)
-        if self._started and task is not None and task.done():
-            raise RuntimeError(f"replica {self.replica}: the engine's batcher stopped: "
-                               f"{task.exception() if not task.cancelled() else 'cancelled'}")
+        """Serve's health probe: the engine's stages must be alive and the teacher must not
+        have failed `max_teacher_faults` batches in a row (Serve then replaces the replica)."""
+        if self._started:
+            try:
+                self.engine.check_health()
+            except RuntimeError as exc:
+                raise RuntimeError(f"replica {self.replica}: {exc}") from exc
 
     async def __del__(self) -> None:
         """Graceful stop: finish in-flight streams, flush the cache tee, deregister."""

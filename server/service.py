@@ -1,13 +1,16 @@
-"""The gRPC servicer: admission control, then hand-off to the engine.
+"""The gRPC servicer: validation, then hand-off to the engine.
 
-Methods are named after the RPCs. Every check happens before any compute and
-names the offending field; exceptions become status codes only through
+Methods are named after the RPCs. Every check on the request happens here,
+before any compute, and names the offending field; the engine then prices the
+job against its budgets. Exceptions become status codes only through
 `errors.status_for`. The servicer stays thin: batching and teaching live in
-`engine`, wire conversions in `logitcast.protos.convert`.
+`engine`, wire conversions in `logitcast.protos.convert`, row identity in
+`logitcast.ops.rowkey` (computed by the engine from the tokens received).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import zlib
@@ -20,10 +23,16 @@ from logitcast.ops.codec import EXTRAS, VERSION
 from logitcast.ops.sparsifiers import check_spec_vocab
 from logitcast.protos import teacher_pb2 as pb
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
-from logitcast.protos.convert import rows_from_proto, signed64, spec_from_proto
+from logitcast.protos.convert import rows_from_proto, spec_from_proto
 from logitcast.server.backends import TeacherBackend
-from logitcast.server.engine import DONE, Engine, Job
-from logitcast.server.errors import PreconditionError, UnknownTeacherError, status_for
+from logitcast.server.engine import DONE, Engine
+from logitcast.server.errors import (
+    PreconditionError,
+    StreamStalledError,
+    UnknownTeacherError,
+    status_for,
+)
+from logitcast.server.jobs import DISTILL, SCORE, Job
 from logitcast.server.limits import RequestLimits, bytes_per_position
 
 logger = logging.getLogger(__name__)
@@ -38,28 +47,68 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         self.backend: TeacherBackend = engine.backend
         self.metrics = engine.metrics
 
-    async def Distill(self, request: pb.DistillRequest, context: grpc.aio.ServicerContext):
+    async def Distill(self, request: pb.DistillRequest, context: grpc.aio.ServicerContext) -> None:
+        """Native gRPC: each chunk is written as soon as it is ready; a client that takes
+        none for `stall_timeout_s` (HTTP/2 flow control holds the write) is cancelled."""
+        stall = self.engine.config.stall_timeout_s
+
+        async def write(chunk: pb.DistillChunk) -> None:
+            try:
+                await asyncio.wait_for(context.write(chunk), stall)
+            except asyncio.TimeoutError:
+                self.metrics.stalled_streams.inc()
+                raise StreamStalledError(
+                    f"the client read nothing for {stall:.0f}s with output waiting; the server "
+                    f"cancelled this stream after row {chunk.row_start}") from None
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                if context.cancelled() or context.done():
+                    raise asyncio.CancelledError from exc  # the client went away mid-write
+                raise
+
+        await self._distill(request, context, write)
+
+    async def distill_chunks(self, request: pb.DistillRequest, context):
+        """The same stream as an async generator, for hosts that pull chunks (Ray Serve)."""
+        out: asyncio.Queue = asyncio.Queue(maxsize=1)
+        end = object()
+
+        async def run() -> None:
+            try:
+                await self._distill(request, context, out.put)
+            finally:
+                await out.put(end)
+
+        task = asyncio.ensure_future(run())
+        try:
+            while (chunk := await out.get()) is not end:
+                yield chunk
+            await task  # re-raises the abort, with its status code set on the context
+        finally:
+            task.cancel()
+
+    async def _distill(self, request: pb.DistillRequest, context, write) -> None:
         t0, job, code = time.perf_counter(), None, grpc.StatusCode.OK
         try:
             admitted = self._admit(request)
             self.engine.submit(admitted)
             job = admitted  # from here on the engine holds it and `finish` must release it
             self.metrics.inflight.inc()
-            while True:
-                item = await job.queue.get()
-                if item is DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                row_start, row_count, payload, hashes = item
-                yield pb.DistillChunk(row_start=row_start, row_count=row_count, payload=payload,
-                                      crc32=zlib.crc32(payload), row_hashes=hashes)
+            async for row_start, row_count, payload, keys in self._results(job):
+                await write(pb.DistillChunk(row_start=row_start, row_count=row_count,
+                                            payload=payload, crc32=zlib.crc32(payload),
+                                            row_keys=keys))
+                self.engine.consumed(job, row_count)
                 self.metrics.sent_bytes.inc(len(payload))
             self.metrics.request_seconds.observe(time.perf_counter() - t0)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as exc:
             code = status_for(exc)
             if code == grpc.StatusCode.INTERNAL:
-                logger.exception("Distill failed")
+                logger.warning("Distill failed: %s", exc)
             await context.abort(code, str(exc))
         finally:
             if job is not None:
@@ -79,20 +128,41 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         )
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
-        code = grpc.StatusCode.OK
+        """Admitted, batched and budgeted like Distill (a job of kind SCORE)."""
+        code, job = grpc.StatusCode.OK, None
         try:
             tokens, docs = self._rows(request.rows)
             if docs is not None:
                 raise ValueError("rows.document_ids is not supported by Score")
             if tokens.shape[1] < 2:
                 raise ValueError("rows.seq_len must be >= 2 to score next tokens")
-            sums, counts = await self.engine.score(tokens)
-            return pb.ScoreResponse(logprob_sum=sums, token_count=counts)
+            admitted = Job(kind=SCORE, tokens=tokens, row_bytes=16,
+                           rows_per_chunk=tokens.shape[0])
+            self.engine.submit(admitted)
+            job = admitted
+            sums: list[float] = []
+            async for _, row_count, row_sums in self._results(job):
+                sums.extend(row_sums)
+                self.engine.consumed(job, row_count)
+            return pb.ScoreResponse(logprob_sum=sums, token_count=[tokens.shape[1] - 1] * len(sums))
         except Exception as exc:
             code = status_for(exc)
             await context.abort(code, str(exc))
         finally:
+            if job is not None:
+                self.engine.finish(job)
             self.metrics.requests.labels("Score", code.name).inc()
+
+    @staticmethod
+    async def _results(job: Job):
+        """The job's results in order until DONE; an exception from the engine is raised."""
+        while True:
+            item = await job.queue.get()
+            if item is DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     # ------------------------------------------------------------------ admission
 
@@ -106,18 +176,19 @@ class TeacherServicer(pb_grpc.TeacherServicer):
                 f"codec_version {req.codec_version} not supported; server speaks [{VERSION}]")
         tokens, docs = self._rows(req.rows)
         rows, seq = tokens.shape
-        if len(req.row_keys) != rows:
-            raise ValueError(f"row_keys has {len(req.row_keys)} keys for {rows} rows")
         if not req.HasField("spec"):
             raise InvalidSpecError("spec is required")
         spec = spec_from_proto(req.spec)
         if spec.method not in self.methods:
             raise InvalidSpecError(f"spec.method {spec.method!r} is not enabled here: {self.methods}")
         check_spec_vocab(spec, b.vocab_size)
+        self.limits.check_spec(spec, b.vocab_size)
         extras = tuple(req.extras) or ("logprob",)
         unknown = sorted(set(extras) - set(EXTRAS))
         if unknown:
             raise ValueError(f"extras {unknown} unknown; choose from {sorted(EXTRAS)}")
+        if len(set(extras)) != len(extras):
+            raise ValueError(f"extras {list(extras)} repeat an entry")
         per_row = bytes_per_position(spec, b.vocab_size) * seq
         if per_row > self.limits.max_chunk_bytes:
             raise ValueError(
@@ -126,9 +197,8 @@ class TeacherServicer(pb_grpc.TeacherServicer):
                 f"or a sparser method")
         fit = self.limits.max_chunk_bytes // per_row
         rpc = req.rows_per_chunk or max(1, self.limits.chunk_positions // seq)
-        keys = torch.tensor([signed64(k) for k in req.row_keys], dtype=torch.int64)
-        return Job(tokens=tokens, document_ids=docs, row_keys=keys, spec=spec, extras=extras,
-                   rows_per_chunk=max(1, min(rpc, fit, rows)))
+        return Job(kind=DISTILL, tokens=tokens, document_ids=docs, spec=spec, extras=extras,
+                   rows_per_chunk=max(1, min(rpc, fit, rows)), row_bytes=per_row)
 
     def _rows(self, msg: pb.Rows) -> tuple[torch.Tensor, torch.Tensor | None]:
         lim, b = self.limits, self.backend

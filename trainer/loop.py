@@ -270,7 +270,7 @@ class Trainer:
         record = {"kind": "train", "step": step, "loss": sums[0].item(), "lm": sums[1].item(),
                   "kd": sums[2].item(), "alpha": alpha, "lr": lr,
                   "tokens_per_s": tokens * self.world / seconds, "wait_s": wait,
-                  "rows": list(batch.row_hashes)}
+                  "rows": [k.hex() for k in batch.row_keys]}
         self._log(record)
         return record
 

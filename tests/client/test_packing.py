@@ -4,7 +4,7 @@ import torch
 
 from logitcast.client.packing import IGNORE, Packer, PackingConfig
 from logitcast.client.shards import TokenCorpus
-from logitcast.protos.convert import content_hash
+from logitcast.ops.rowkey import row_key
 from tests.client.conftest import write_corpus
 
 
@@ -18,11 +18,11 @@ def test_rows_are_a_pure_function_of_step_rank_and_world(small):
     a = Packer(small, cfg)
     resumed = Packer(TokenCorpus(small.directory), cfg)  # same corpus, a new process
     for step in (0, 3, 11):
-        assert a.batch(step).row_hashes == resumed.batch(step).row_hashes
+        assert a.batch(step).row_keys == resumed.batch(step).row_keys
         halves = [a.batch(step, rank, 2) for rank in (0, 1)]
         assert torch.equal(torch.cat([h.input_ids for h in halves]), a.batch(step).input_ids)
-    assert a.batch(1).row_hashes != Packer(small, PackingConfig(seq_len=32, global_batch=4,
-                                                                seed=8)).batch(1).row_hashes
+    assert a.batch(1).row_keys != Packer(small, PackingConfig(seq_len=32, global_batch=4,
+                                                                seed=8)).batch(1).row_keys
 
 
 def test_row_mode_labels_are_the_next_tokens_of_one_stream(small):
@@ -33,7 +33,7 @@ def test_row_mode_labels_are_the_next_tokens_of_one_stream(small):
     assert torch.equal(stream[1:], labels[:-1])
     assert int((stream == small.eos_id).sum()) >= small.num_documents - 1
     b = p.batch(0)
-    assert b.row_hashes == tuple(content_hash(r) for r in b.input_ids)
+    assert b.row_keys == tuple(row_key(r) for r in b.input_ids)
     assert not torch.equal(p.row(0)[0], p.row(p.rows_per_epoch)[0])  # next epoch reshuffles
 
 

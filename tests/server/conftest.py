@@ -45,10 +45,38 @@ def stub(server):
         yield pb_grpc.TeacherStub(channel)
 
 
-def distill_request(tokens: torch.Tensor, spec: TargetSpec | None = None, *, keys=None,
+def distill_request(tokens: torch.Tensor, spec: TargetSpec | None = None,
                     **fields) -> pb.DistillRequest:
-    if keys is None:
-        keys = [1000 + 17 * i for i in range(tokens.shape[0])]
     fields.setdefault("codec_version", VERSION)
-    return pb.DistillRequest(rows=rows_to_proto(tokens), row_keys=keys, spec=spec_to_proto(spec or TargetSpec()),
+    return pb.DistillRequest(rows=rows_to_proto(tokens), spec=spec_to_proto(spec or TargetSpec()),
                              **fields)
+
+
+class FaultyBackend:
+    """The real tiny teacher with injected failures, for the kills and faults a device
+    produces: NaN hidden states wherever `poison` appears in the input, an out-of-memory
+    error on batches over `oom_above` tokens, and a gate that holds the forward pass."""
+
+    def __init__(self, inner, *, poison: int | None = None, oom_above: int | None = None,
+                 gate: threading.Event | None = None) -> None:
+        self.inner, self.poison, self.oom_above, self.gate = inner, poison, oom_above, gate
+        for name in ("tokenizer_fingerprint", "vocab_size", "max_seq_len", "device",
+                     "supports_documents"):
+            setattr(self, name, getattr(inner, name))
+        self.teacher_id = inner.teacher_id
+        self.forward_tokens: list[int] = []
+
+    def hidden_states(self, tokens, document_ids=None):
+        if self.gate is not None:
+            self.gate.wait(30)
+        self.forward_tokens.append(tokens.numel())
+        if self.oom_above is not None and tokens.numel() > self.oom_above:
+            raise torch.OutOfMemoryError(f"injected: {tokens.numel()} tokens")
+        hidden = self.inner.hidden_states(tokens, document_ids)
+        if self.poison is not None:
+            hidden = hidden.clone()
+            hidden[tokens == self.poison] = float("nan")
+        return hidden
+
+    def logits(self, hidden):
+        return self.inner.logits(hidden)

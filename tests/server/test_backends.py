@@ -1,6 +1,6 @@
 import torch
 
-from logitcast.protos.convert import document_segments
+from logitcast.ops.rowkey import segments
 
 
 def block_diagonal_mask(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,4 +31,4 @@ def test_document_mode_equals_a_block_diagonal_4d_mask_on_cpu_sdpa(tiny_backend)
     assert torch.allclose(segmented, masked, atol=1e-5)
     plain = tiny_backend.hidden_states(tokens)
     assert not torch.allclose(segmented[0, 20:], plain[0, 20:], atol=1e-3)
-    assert [s for s in document_segments(docs) if s[0] == 1] == [(1, 0, 5), (1, 5, 35), (1, 35, 48)]
+    assert [s for s in segments(docs) if s[0] == 1] == [(1, 0, 5), (1, 5, 35), (1, 35, 48)]

@@ -9,11 +9,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from logitcast.ops import SparseTargets, TargetSpec, row_positions, sparsify
+from logitcast.ops import SparseTargets, TargetSpec, sparsify
 from logitcast.ops.codec import decode, encode
+from logitcast.ops.rowkey import draw_coordinates, row_key
 from logitcast.protos import teacher_pb2 as pb
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
-from logitcast.protos.convert import content_hash
 from logitcast.server.app import TLSConfig
 from logitcast.server.engine import EngineConfig
 from tests.server.conftest import ServerThread, distill_request
@@ -25,12 +25,12 @@ def tokens_for(rows=4, seq=32, seed=0):
     return torch.randint(0, VOCAB, (rows, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def direct_targets(backend, tokens, keys, spec):
+def direct_targets(backend, tokens, spec):
     """What the ops give on the same teacher logits, without any server."""
     hidden = backend.hidden_states(tokens).reshape(-1, backend.model.config.hidden_size)
     labels = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], 1).reshape(-1)
-    k, p = row_positions(torch.tensor(keys), tokens.shape[1])
-    return sparsify(backend.logits(hidden), spec, row_keys=k, positions=p, labels=labels)
+    _, draw, pos = draw_coordinates(tokens)
+    return sparsify(backend.logits(hidden), spec, row_keys=draw, positions=pos, labels=labels)
 
 
 def payloads(stub, tokens, spec=None, **kw):
@@ -41,12 +41,11 @@ def test_served_targets_equal_the_ops_applied_to_the_same_logits(stub, tiny_back
     tokens = tokens_for(rows=5, seq=24)
     for spec in (TargetSpec(), TargetSpec(method="head_tail", k_head=3, unique=6.0),
                  TargetSpec(method="topk", k=9, temperature=2.0)):
-        keys = [11, 22, 33, 44, 55]
-        chunks = list(stub.Distill(distill_request(tokens, spec, keys=keys, rows_per_chunk=2)))
+        chunks = list(stub.Distill(distill_request(tokens, spec, rows_per_chunk=2)))
         assert [(c.row_start, c.row_count) for c in chunks] == [(0, 2), (2, 2), (4, 1)]
-        assert [h for c in chunks for h in c.row_hashes] == [content_hash(r) for r in tokens]
+        assert [k for c in chunks for k in c.row_keys] == [row_key(r) for r in tokens]
         served = SparseTargets.cat([decode(c.payload) for c in chunks])
-        direct = direct_targets(tiny_backend, tokens, keys, spec)
+        direct = direct_targets(tiny_backend, tokens, spec)
         assert encode(served) == encode(direct.pad_to(served.width))
 
 
@@ -56,14 +55,13 @@ def test_same_row_gives_identical_bytes_alone_in_a_shared_batch_and_on_another_s
     others = [tokens_for(rows=3, seq=40, seed=s) for s in range(3)]
     with grpc.insecure_channel(server.address) as ch:
         stub = pb_grpc.TeacherStub(ch)
-        alone = payloads(stub, target, keys=[42])
+        alone = payloads(stub, target)
         results = {}
 
-        def ask(i, rows, keys):
-            results[i] = payloads(stub, rows, keys=keys, rows_per_chunk=1)
+        def ask(i, rows):
+            results[i] = payloads(stub, rows, rows_per_chunk=1)
 
-        threads = [threading.Thread(target=ask, args=(i, torch.cat([o[:i % 3], target, o[i % 3:]]),
-                                                      [*[7 + i, 8 + i, 9 + i][:i % 3], 42, *[70 + i, 80 + i, 90 + i][i % 3:]]))
+        threads = [threading.Thread(target=ask, args=(i, torch.cat([o[:i % 3], target, o[i % 3:]])))
                    for i, o in enumerate(others)]
         for t in threads:
             t.start()
@@ -74,7 +72,7 @@ def test_same_row_gives_identical_bytes_alone_in_a_shared_batch_and_on_another_s
     second = ServerThread(tiny_backend, engine_config=EngineConfig(max_batch_tokens=64))
     try:
         with grpc.insecure_channel(second.address) as ch:
-            assert payloads(pb_grpc.TeacherStub(ch), target, keys=[42]) == alone
+            assert payloads(pb_grpc.TeacherStub(ch), target) == alone
     finally:
         second.close()
 
@@ -93,7 +91,6 @@ def test_bad_requests_get_their_status_codes_and_the_server_keeps_serving(stub):
     cases = [
         (distill_request(good + VOCAB), grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
         (bad_bytes, grpc.StatusCode.INVALID_ARGUMENT, "rows.tokens has"),
-        (distill_request(good, keys=[1, 2]), grpc.StatusCode.INVALID_ARGUMENT, "row_keys has 2"),
         (distill_request(tokens_for(rows=1025, seq=2)), grpc.StatusCode.INVALID_ARGUMENT, "max_rows"),
         (distill_request(tokens_for(rows=1, seq=1025)), grpc.StatusCode.INVALID_ARGUMENT,
          "max_seq_len"),
@@ -110,6 +107,19 @@ def test_bad_requests_get_their_status_codes_and_the_server_keeps_serving(stub):
     bad_spec.spec.CopyFrom(pb.TargetSpec(method="top_p_k", k=5, p=2.0))
     expect_code(stub, bad_spec, grpc.StatusCode.INVALID_ARGUMENT, "p must be in (0, 1]")
     assert len(payloads(stub, good)) == 1
+
+
+def test_a_client_cannot_choose_the_coordinates_of_its_draws(stub):
+    """The retired row_keys field (2) is ignored: the server keys draws by the tokens it
+    received, so a client that tries keys until it likes the sample gets one answer."""
+    tokens = tokens_for(rows=2, seq=16)
+    honest = payloads(stub, tokens)
+    request = distill_request(tokens).SerializeToString()
+    for key in (1, 2**40 + 7):
+        forged = pb.DistillRequest.FromString(  # field 2 (fixed64) kept as an unknown field
+            request + bytes([0x11]) + key.to_bytes(8, "little"))
+        assert forged.SerializeToString() != request
+        assert [c.payload for c in stub.Distill(forged)] == honest
 
 
 def test_over_capacity_is_resource_exhausted(tiny_backend):
@@ -255,3 +265,21 @@ def test_document_mode_targets_depend_only_on_the_document(stub):
     a = targets_by_doc([0, 1, 2, 3, 4], seq_len=48)
     b = targets_by_doc([3, 2, 4, 0, 1], seq_len=64)
     assert a == b
+
+
+def test_bytes_that_are_not_a_request_are_invalid_argument(server):
+    garbage = [b"\xff\xff\xff", b"\x0a\x05\x0a\x01", b"\x08" + b"\xff" * 11, bytes(range(256))]
+    with grpc.insecure_channel(server.address) as ch:
+        for method, message, kind in (("Distill", pb.DistillRequest, ch.unary_stream),
+                                      ("Score", pb.ScoreRequest, ch.unary_unary),
+                                      ("Info", pb.InfoRequest, ch.unary_unary)):
+            call = kind(f"/logitcast.v1.Teacher/{method}")
+            for data in garbage:
+                with pytest.raises(Exception):  # noqa: B017, PT011 - the bytes must not parse
+                    message.FromString(data)
+                consume = list if method == "Distill" else (lambda reply: reply)
+                with pytest.raises(grpc.RpcError) as err:
+                    consume(call(data, timeout=10))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+                assert "is not a valid message" in err.value.details()
+        assert len(payloads(pb_grpc.TeacherStub(ch), tokens_for())) == 1
