@@ -43,10 +43,10 @@ def requests(n: int, rows: int, seq_len: int, vocab: int):
 
     g = torch.Generator().manual_seed(0)
     out = []
-    for i in range(n):
+    for _ in range(n):
         tokens = torch.randint(2, vocab, (rows, seq_len), generator=g)
         out.append(pb.DistillRequest(
-            rows=rows_to_proto(tokens), row_keys=[1000 * i + r for r in range(rows)],
+            rows=rows_to_proto(tokens),
             spec=spec_to_proto(TargetSpec(method="sample", unique=12.0)),
             codec_version=VERSION, rows_per_chunk=1))
     return out

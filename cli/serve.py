@@ -101,10 +101,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def start_server_process(serve_args: list[str], log: Path, *, threads: int | None = None,
-                         timeout_s: float = 300.0):
+                         timeout_s: float = 300.0, port: int | None = None):
     """`logitcast serve` in a child process on a free loopback port, with `serve_args`;
     returns (process, address, Info response) once it answers, or raises RuntimeError
-    naming the log. threads: OMP_NUM_THREADS of the child (None: inherit)."""
+    naming the log. threads: OMP_NUM_THREADS of the child (None: inherit). port: listen
+    on this port instead (e.g. to restart a killed server where its clients expect it)."""
     import os
     import subprocess
     import sys
@@ -116,13 +117,15 @@ def start_server_process(serve_args: list[str], log: Path, *, threads: int | Non
     from logitcast.protos import teacher_pb2_grpc as pb_grpc
     from logitcast.server.fleet import free_port
 
-    port = free_port()
+    if port is None:
+        port = free_port()
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "logitcast.cli.main", "serve", "--port", str(port), *serve_args],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    with log.open("w") as out:  # the child keeps its own handle
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "logitcast.cli.main", "serve", "--port", str(port),
+             *serve_args], stdout=out, stderr=subprocess.STDOUT, env=env)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:

@@ -14,7 +14,9 @@ batch then goes through two stages that overlap across batches:
 2. CPU stage (one thread): encode, row keys, cache tee, and hand-off to each
    job's stream, in order; a job's last chunk is followed by DONE.
 
-Between them sits a queue of at most `pipeline_depth` batches. Failures are
+Each chunk goes to the CPU stage as soon as the device has it (a queue of at most
+`pipeline_depth` chunks between the two threads), so encoding overlaps the rest of
+the batch and the next batch's forward. Failures are
 classified here, never by message text upstream: out-of-memory shrinks the
 batch budget and fails the batch's jobs with `OverloadedError`; non-finite
 logits or a crashed forward fail them with `TeacherFault` naming the row and
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -79,8 +83,9 @@ class EngineConfig:
     max_working_set_bytes: int = 2 << 30
     """Requests whose sparsify working set (see `limits.working_set_bytes`) is larger are
     refused with INVALID_ARGUMENT."""
-    pipeline_depth: int = 2
-    """Batches done on the device and waiting for the CPU stage."""
+    pipeline_depth: int = 8
+    """Chunks done on the device and waiting for the CPU stage (the device stage blocks
+    beyond it)."""
     max_teacher_faults: int = 3
     """Consecutive failed batches (NaN/inf logits, crashed forward) after which the replica
     reports NOT_SERVING."""
@@ -120,9 +125,10 @@ class Engine:
         self._open: set[Job] = set()
         self._work = asyncio.Event()
         self._device_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-device")
-        self._cpu_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-encode")
+        self._to_cpu: queue.Queue = queue.Queue(maxsize=config.pipeline_depth)
+        self._cpu_thread = threading.Thread(target=self._cpu_stage, name="teacher-encode",
+                                            daemon=True)
         self._tasks: list[asyncio.Task] = []
-        self._stages: asyncio.Queue | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._faults = 0
@@ -139,9 +145,8 @@ class Engine:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._stages = asyncio.Queue(maxsize=self.config.pipeline_depth)
-        self._tasks = [self._loop.create_task(self._schedule_loop(), name="logitcast-schedule"),
-                       self._loop.create_task(self._encode_loop(), name="logitcast-encode")]
+        self._cpu_thread.start()
+        self._tasks = [self._loop.create_task(self._schedule_loop(), name="logitcast-schedule")]
 
     @property
     def active_jobs(self) -> int:
@@ -154,6 +159,8 @@ class Engine:
             if task.done():
                 exc = None if task.cancelled() else task.exception()
                 raise RuntimeError(f"engine task {task.get_name()} stopped: {exc!r}")
+        if self._cpu_thread.ident is not None and not self._cpu_thread.is_alive():
+            raise RuntimeError("the engine's CPU stage thread stopped")
         if self.unhealthy_reason:
             raise RuntimeError(self.unhealthy_reason)
 
@@ -174,8 +181,10 @@ class Engine:
             self.finish(job)
 
         def shutdown() -> None:
-            for pool in (self._device_pool, self._cpu_pool):
-                pool.shutdown(wait=True, cancel_futures=True)
+            self._device_pool.shutdown(wait=True, cancel_futures=True)
+            if self._cpu_thread.is_alive():
+                self._to_cpu.put(None)
+                self._cpu_thread.join()
             if self.tee is not None:
                 self.tee.close()
 
@@ -246,7 +255,6 @@ class Engine:
 
     async def _schedule_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        assert self._stages is not None
         while True:
             await self._work.wait()
             if self.queued_tokens < self.batch_tokens and self.config.max_wait_s:
@@ -256,20 +264,14 @@ class Engine:
                 self._work.clear()
                 continue
             self._set_budgets(-sum(c * j.seq_len for j, _, c in batch), 0)
-            work = await loop.run_in_executor(self._device_pool, self._device_stage, batch)
-            await self._stages.put(work)  # waits while the CPU stage is `pipeline_depth` behind
-
-    async def _encode_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._stages is not None
-        while True:
-            work = await self._stages.get()
-            await loop.run_in_executor(self._cpu_pool, self._cpu_stage, work)
+            await loop.run_in_executor(self._device_pool, self._device_stage, batch)
 
     # ------------------------------------------------------------------ device stage (thread)
 
-    def _device_stage(self, batch: list[tuple[Job, int, int]]) -> list:
-        b, dev = self.backend, self.backend.device
+    def _device_stage(self, batch: list[tuple[Job, int, int]]) -> None:
+        """Forward, then per job segment sparsify chunk by chunk; every result (or a job's
+        failure) goes to the CPU stage as soon as it exists."""
+        b, dev, out = self.backend, self.backend.device, self._to_cpu.put
         tokens = torch.cat([j.tokens[s:s + c] for j, s, c in batch])
         docs = None
         if batch[0][0].document_ids is not None:
@@ -279,11 +281,12 @@ class Engine:
             hidden = b.hidden_states(tokens.to(dev), docs)
         except Exception as exc:  # a broken teacher fails these requests, not the server
             err = self._fault(exc, f"teacher forward on {tokens.numel()} tokens failed")
-            return [(job, err) for job, _, _ in batch]
+            for job, _, _ in batch:
+                out((job, err))
+            return
         t1 = time.perf_counter()
         self.metrics.forward_seconds.observe(t1 - t0)
         self.metrics.batch_tokens.observe(tokens.numel())
-        out: list = []
         offset, faulted = 0, False
         for job, start, count in batch:
             h = hidden[offset:offset + count]
@@ -292,25 +295,24 @@ class Engine:
                 continue
             try:
                 if job.kind == SCORE:
-                    out.append((job, (start, count, self._score(h, job.tokens[start:start + count]))))
+                    out((job, (start, count, self._score(h, job.tokens[start:start + count]))))
                 else:
-                    out.extend(self._sparsify_rows(job, start, count, h))
+                    self._sparsify_rows(job, start, count, h, out)
             except Exception as exc:
                 faulted = True
-                out.append((job, self._fault(exc, "sparsify failed")))
+                out((job, self._fault(exc, "sparsify failed")))
         if not faulted:
             self._faults = 0
         self.metrics.sparsify_seconds.observe(time.perf_counter() - t1)
-        return out
 
-    def _sparsify_rows(self, job: Job, start: int, count: int, hidden: torch.Tensor) -> list[_Chunk]:
+    def _sparsify_rows(self, job: Job, start: int, count: int, hidden: torch.Tensor,
+                       out: Callable[[_Chunk], None]) -> None:
         seq, dev, ppc = job.seq_len, hidden.device, self.config.positions_per_chunk
         tok = job.tokens[start:start + count]
         docs = None if job.document_ids is None else job.document_ids[start:start + count]
         labels = torch.cat([tok[:, 1:], torch.full_like(tok[:, :1], -1)], dim=1)
         if docs is not None:
             labels[:, :-1][docs[:, 1:] != docs[:, :-1]] = -1  # next token is another document's
-        chunks = []
         for r0 in range(0, count, job.rows_per_chunk):
             if job.closed:
                 break
@@ -334,8 +336,7 @@ class Engine:
                         f"teacher produced non-finite logits at row {start + r0 + bad // seq}, "
                         f"position {bad % seq} of the request ({exc})") from exc
             targets, ready = self._to_host(SparseTargets.cat(parts))
-            chunks.append(_Chunk(job, start + r0, rn, targets, tok[rows], keys, ready))
-        return chunks
+            out(_Chunk(job, start + r0, rn, targets, tok[rows], keys, ready))
 
     def _to_host(self, targets: SparseTargets) -> tuple[SparseTargets, torch.cuda.Event | None]:
         """Host copy of device targets: on CUDA into pinned buffers on a side stream, so
@@ -400,19 +401,19 @@ class Engine:
 
     # ------------------------------------------------------------------ CPU stage (thread)
 
-    def _cpu_stage(self, work: list) -> None:
-        t0 = time.perf_counter()
-        for item in work:
+    def _cpu_stage(self) -> None:
+        """The CPU stage's thread: deliver device results in order until None."""
+        while (item := self._to_cpu.get()) is not None:
+            t0 = time.perf_counter()
             if isinstance(item, _Chunk):
                 self._deliver(item)
-                continue
-            job, result = item
-            if job.closed:
-                continue
-            self._emit(job, result)
-            if not isinstance(result, BaseException) and result[0] + result[1] >= job.rows:
-                self._emit(job, DONE)
-        self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+            else:
+                job, result = item
+                if not job.closed:
+                    self._emit(job, result)
+                    if not isinstance(result, BaseException) and result[0] + result[1] >= job.rows:
+                        self._emit(job, DONE)
+            self.metrics.encode_seconds.observe(time.perf_counter() - t0)
 
     def _deliver(self, c: _Chunk) -> None:
         job = c.job

@@ -41,7 +41,7 @@ class TeacherMetrics:
                                           "LM head + sparsify time per batch (device stage)",
                                           buckets=_SECONDS, registry=r)
         self.encode_seconds = Histogram("logitcast_teacher_encode_seconds",
-                                        "Encode + row keys + tee time per batch (CPU stage)",
+                                        "Encode + row keys + tee time per chunk (CPU stage)",
                                         buckets=_SECONDS, registry=r)
         self.reserved_bytes = Gauge("logitcast_teacher_reserved_bytes",
                                     "Memory budget held by admitted requests (inputs and "
