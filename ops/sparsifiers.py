@@ -4,14 +4,18 @@ Methods (see `TargetSpec`):
 - `full`      dense distribution (tests, tiny vocabularies);
 - `topk`      top-k teacher probabilities, raw (biased once renormalised);
 - `top_p_k`   top-p prefix, then capped at k (PD paper, section 3.2);
-- `sample`    RS-KD: draws from q ~ p**t, weights p/q normalised (t = 1: counts / draws);
+- `sample`    RS-KD: draws from q ~ p**t, weights p/q (t = 1: counts / draws, unbiased;
+              t != 1: self-normalised, consistent with an O(1/draws) bias);
 - `head_tail` exact top-k head + draws from the renormalised tail, tail weights
-              scaled by the tail mass: unbiased with lower variance than `sample`.
+              scaled by the tail mass: unbiased (t = 1) with lower variance than `sample`.
 
 All randomness comes from `rng.uniforms(seed, row key, position, draw)`, and every
 step is a per-row operation with explicit tie-breaking (equal probabilities go to
 the lower token id), so a position's targets are identical whatever batch or
-chunk it is computed in. Peak extra memory is a few [chunk, V] tensors.
+chunk it is computed in. A chunk reads its [chunk, V] logits and probabilities a
+few times but writes one new [chunk, V] tensor, the softmax (plus the padded copy
+when V is not a multiple of 256, and one more for a temperature or proposal t != 1);
+everything else is per block of 256 tokens or per draw.
 
 This module knows nothing about bytes (`codec`) or about where logits come from.
 """
@@ -25,12 +29,14 @@ from logitcast.ops.rng import uniforms
 from logitcast.ops.spec import TargetSpec
 from logitcast.ops.targets import SparseTargets
 
-#: Positions per chunk by default: peak extra memory ~ chunk * V * 40 bytes.
+#: Positions per chunk by default: peak extra memory ~ chunk * V * 8 bytes.
 DEFAULT_CHUNK = 64
 #: Largest vocabulary the ids (and the codec) support.
 MAX_VOCAB = 1 << 24
-_BLOCK = 256  # tokens per block of the two-level CDF
-_TOP_EXACT = 64  # top tokens whose contribution to E[unique] is computed exactly
+_BLOCK = 256  # tokens per block: batch-invariant sums, block maxima, top level of the CDF
+_SUB = 16  # tokens per sub-block, the CDF's middle level: a draw reads 16 + 16 weights
+_TOP_EXACT = 16  # largest proposal tokens whose contribution to E[unique] is computed exactly
+_DRAW_SLICE = 64  # draws per inverse-CDF step: its working set is chunk * 64 * 16, whatever D
 
 
 def row_positions(row_keys: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,18 +101,18 @@ def _log(v: torch.Tensor) -> torch.Tensor:
     return torch.log(v[:, None].expand(len(v), 16).contiguous())[:, 0]
 
 
-def _check_finite(x: torch.Tensor, offset: int) -> torch.Tensor:
-    """float [n] row maxima, after checking every row has them finite."""
-    top = x.amax(dim=1)  # NaN propagates; +inf shows; -inf means no finite logit
-    if bool(torch.isfinite(top).all()):
-        return top
+def _check_finite(x: torch.Tensor, x_max: torch.Tensor, offset: int) -> None:
+    """Raise unless every row max is finite: NaN propagates into it, +inf shows, and
+    -inf means the row has no finite logit."""
+    if bool(torch.isfinite(x_max).all()):
+        return
     bad = torch.isnan(x) | torch.isposinf(x)
     if bool(bad.any()):
         row, col = (int(i) for i in bad.nonzero()[0])
         raise NonFiniteLogitsError(
             f"logit at position {offset + row}, token {col} is {float(x[row, col])}"
         )
-    row = int(torch.isneginf(top).nonzero()[0, 0])
+    row = int(torch.isneginf(x_max).nonzero()[0, 0])
     raise NonFiniteLogitsError(f"position {offset + row} has no finite logit (all -inf)")
 
 
@@ -123,80 +129,107 @@ def _sparsify_chunk(
 ) -> SparseTargets:
     n, vocab = logits.shape
     # Pad the vocabulary to whole 256-token blocks with -inf (probability 0), once, so
-    # the blocked sums and CDFs below are views, not copies of [n, V].
+    # the blocked sums, maxima and CDFs below are views, not copies of [n, V].
     if vocab % _BLOCK == 0 and logits.dtype == torch.float32 and logits.is_contiguous():
         x = logits
     else:
         x = logits.new_empty(n, -(-vocab // _BLOCK) * _BLOCK, dtype=torch.float32)
         x[:, :vocab] = logits
         x[:, vocab:] = float("-inf")
-    x_max = _check_finite(x, offset)
+    block_max = _groups(x, _BLOCK).amax(dim=2)  # the one pass that checks, and finds the top
+    x_max = block_max.amax(dim=1)
+    _check_finite(x, x_max, offset)
     # softmax / log_softmax run one row at a time; an elementwise exp() over [n, V] would
     # not be batch-invariant on CPU (SIMD body vs scalar tail give different last bits).
     p1 = torch.softmax(x, dim=1)
-    if with_entropy:
-        logp1 = torch.log_softmax(x, dim=1)
-        entropy = -row_sum((p1 * logp1).nan_to_num_(0.0))  # 0 * -inf counts as 0
-        del logp1
-    else:
-        entropy = torch.full((n,), float("nan"), device=x.device)
+    # p at the arg max is exp(0) / Z: log Z without a log pass over [n, V]
+    top_block = _groups(p1, _BLOCK)[torch.arange(n, device=x.device), block_max.argmax(dim=1)]
+    log_p_max = _log(top_block.amax(dim=1))
     logprob = torch.full((n,), float("nan"), device=x.device)
-    if labels is not None:  # log p(label) = x[label] - x_max + log p_max: no [n, V] log pass
+    if labels is not None:  # log p(label) = x[label] - x_max + log p_max
         known = labels >= 0
         got = x.gather(1, labels.clamp_min(0).long()[:, None])[:, 0] - x_max
-        logprob = torch.where(known, got + _log(p1.amax(dim=1)), logprob)
-    scaled = x / spec.temperature if spec.temperature != 1.0 else x
-    p = torch.softmax(scaled, dim=1) if spec.temperature != 1.0 else p1
-    del p1
+        logprob = torch.where(known, got + log_p_max, logprob)
+    p = p1 if spec.temperature == 1.0 else torch.softmax(x / spec.temperature, dim=1)
 
-    zeros_n = torch.zeros(n, dtype=torch.int32, device=p.device)
-    extras = {"entropy": entropy, "logprob": logprob, "vocab_size": vocab}
     if spec.method == "full":
         ids = torch.arange(vocab, device=p.device, dtype=torch.int32).expand(n, vocab).clone()
         full = torch.full((n,), vocab, dtype=torch.int32, device=p.device)
-        return SparseTargets(ids=ids, weights=p[:, :vocab].contiguous(),
-                             counts=torch.zeros_like(ids),
-                             num_entries=full, num_head=full, draws=zeros_n,
-                             tail_mass=torch.zeros(n, device=p.device), **extras)
-    if spec.method in ("topk", "top_p_k"):
-        ids = ordered_topk(x, spec.k)  # logits order = tempered probability order
-        w = p.gather(1, ids)
-        num = torch.full((n,), spec.k, dtype=torch.int32, device=p.device)
-        if spec.method == "top_p_k":
-            keep = (w.cumsum(dim=1) - w) < spec.p
-            num = keep.sum(dim=1, dtype=torch.int32)
-            width = int(num.max()) if n else 0
-            w = torch.where(keep, w, 0.0)[:, :width]
-            ids = torch.where(keep, ids, 0)[:, :width]
-        tail = (1.0 - row_sum(w.double())).clamp(0.0, 1.0).float()
-        ids = ids.to(torch.int32)
-        return SparseTargets(ids=ids, weights=w, counts=torch.zeros_like(ids), num_entries=num,
-                             num_head=num, draws=zeros_n, tail_mass=tail, **extras)
-    if spec.method == "sample":
-        ones = torch.ones(n, dtype=torch.float64, device=p.device)
-        q = p if spec.proposal_t == 1.0 else torch.softmax(scaled * spec.proposal_t, dim=1)
-        ids, w, counts, num, draws = _sample(p, q, ones, spec, keys, pos)
-        return SparseTargets(ids=ids, weights=w, counts=counts, num_entries=num,
-                             num_head=zeros_n, draws=draws, tail_mass=ones.float(),
-                             tail_from_counts=spec.proposal_t == 1.0, **extras)
-    # head_tail
-    head = ordered_topk(x, spec.k_head)
-    head_w = p.gather(1, head)
-    tail_p = p.scatter(1, head, 0.0)
-    tail_mass = (1.0 - row_sum(head_w.double())).clamp_min(0.0)
-    if spec.proposal_t == 1.0:
-        q = tail_p
+        # a copy: the entropy pass below overwrites p1
+        fields = {"ids": ids, "weights": p[:, :vocab].clone(), "counts": torch.zeros_like(ids),
+                  "num_entries": full, "num_head": full, "draws": torch.zeros_like(full),
+                  "tail_mass": torch.zeros(n, device=p.device)}
+    elif spec.method in ("topk", "top_p_k"):
+        fields = _top(x, block_max, p, spec)
     else:
-        q = torch.softmax(scaled.scatter(1, head, float("-inf")) * spec.proposal_t, dim=1)
-    ids, w, counts, num, draws = _sample(tail_p, q, tail_mass, spec, keys, pos)
-    k_head = torch.full((n,), spec.k_head, dtype=torch.int32, device=p.device)
-    return SparseTargets(
-        ids=torch.cat([head.to(torch.int32), ids], dim=1),
-        weights=torch.cat([head_w, w], dim=1),
-        counts=torch.cat([torch.zeros_like(head, dtype=torch.int32), counts], dim=1),
-        num_entries=k_head + num, num_head=k_head, draws=draws,
-        tail_mass=tail_mass.float(), tail_from_counts=spec.proposal_t == 1.0, **extras,
-    )
+        fields = _sampled(x, block_max, p, vocab, spec, keys, pos)
+    entropy = (_entropy(p1, x, x_max, log_p_max, vocab) if with_entropy
+               else torch.full((n,), float("nan"), device=x.device))
+    return SparseTargets(**fields, entropy=entropy, logprob=logprob, vocab_size=vocab)
+
+
+def _top(x: torch.Tensor, block_max: torch.Tensor, p: torch.Tensor, spec: TargetSpec) -> dict:
+    """Fields of `topk` / `top_p_k` targets: the k most likely tokens, raw probabilities."""
+    n = len(x)
+    ids = ordered_topk(x, spec.k, block_max)  # logits order = tempered probability order
+    w = p.gather(1, ids)
+    num = torch.full((n,), spec.k, dtype=torch.int32, device=p.device)
+    if spec.method == "top_p_k":
+        keep = (w.cumsum(dim=1) - w) < spec.p
+        num = keep.sum(dim=1, dtype=torch.int32)
+        width = int(num.max()) if n else 0
+        w = torch.where(keep, w, 0.0)[:, :width]
+        ids = torch.where(keep, ids, 0)[:, :width]
+    tail = (1.0 - row_sum(w.double())).clamp(0.0, 1.0).float()
+    ids = ids.to(torch.int32)
+    return {"ids": ids, "weights": w, "counts": torch.zeros_like(ids), "num_entries": num,
+            "num_head": num, "draws": torch.zeros_like(num), "tail_mass": tail}
+
+
+def _sampled(
+    x: torch.Tensor,
+    block_max: torch.Tensor,
+    p: torch.Tensor,
+    vocab: int,
+    spec: TargetSpec,
+    keys: torch.Tensor,
+    pos: torch.Tensor,
+) -> dict:
+    """Fields of `sample` / `head_tail` targets (`sample` is head_tail with no head)."""
+    k_head = spec.k_head if spec.method == "head_tail" else 0
+    t = spec.proposal_t
+    # the head and the proposal's largest tail tokens (for the draw count), found together
+    top = ordered_topk(x, min(k_head + _TOP_EXACT, vocab), block_max)
+    head = top[:, :k_head]
+    q = p if t == 1.0 else torch.softmax(x * (t / spec.temperature), dim=1)
+    q_top = q.gather(1, top[:, k_head:])
+    head_w = p.gather(1, head)
+    mass = (1.0 - row_sum(head_w.double())).clamp_min(0.0)
+    q.scatter_(1, head, 0.0)  # the tail, in place (q may be p itself: restored below)
+    ids, w, counts, num, draws = _sample(p, q, q_top, mass, spec, keys, pos)
+    if q is p:
+        q.scatter_(1, head, head_w)
+    return {
+        "ids": torch.cat([head.to(torch.int32), ids], dim=1),
+        "weights": torch.cat([head_w, w], dim=1),
+        "counts": torch.cat([torch.zeros_like(head, dtype=torch.int32), counts], dim=1),
+        "num_entries": num + k_head, "num_head": torch.full_like(num, k_head), "draws": draws,
+        "tail_mass": mass.float(), "tail_from_counts": t == 1.0,
+    }
+
+
+def _entropy(
+    p: torch.Tensor, x: torch.Tensor, x_max: torch.Tensor, log_p_max: torch.Tensor, vocab: int
+) -> torch.Tensor:
+    """float32 [n] teacher entropy H = -log p_max + sum_i p_i (x_max - x_i), p = softmax(x),
+    with sum_i p_i = 1 up to rounding. Overwrites p: the products p_i x_i are formed in
+    place, so no new [n, V] tensor (pad columns keep p = 0)."""
+    p[:, :vocab].mul_(x[:, :vocab])
+    sums = _groups(p, _BLOCK).sum(dim=2)
+    if bool(sums.isnan().any()):  # 0 * -inf at impossible tokens: those products are 0
+        sums = _groups(p.nan_to_num_(nan=0.0), _BLOCK).sum(dim=2)
+    mean_x = sums.double().cumsum(dim=1)[:, -1]  # blocked sums: see `row_sum`
+    return (x_max.double() - mean_x - log_p_max.double()).float()
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -213,28 +246,50 @@ def row_sq_sum(x: torch.Tensor) -> torch.Tensor:
     return (torch.linalg.vector_norm(_blocked(x), dim=2) ** 2).cumsum(dim=1)[:, -1]
 
 
-def _blocked(x: torch.Tensor) -> torch.Tensor:
-    """[n, V] -> [n, ceil(V / 256), 256], zero-padded; a view when V divides evenly."""
+def _blocked(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """[n, V] -> [n, ceil(V / 256), 256], padded with `fill`; a view when V divides evenly."""
     n, width = x.shape
     nb = max(1, -(-width // _BLOCK))
     if nb * _BLOCK == width:
         return x.reshape(n, nb, _BLOCK)
     out = x.new_empty(n, nb * _BLOCK)
     out[:, :width] = x
-    out[:, width:] = 0
+    out[:, width:] = fill
     return out.view(n, nb, _BLOCK)
 
 
-def ordered_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+def _groups(x: torch.Tensor, w: int) -> torch.Tensor:
+    """[n, V] -> [n, V / w, w], a view (V a multiple of w)."""
+    return x.view(x.shape[0], x.shape[1] // w, w)
+
+
+def ordered_topk(x: torch.Tensor, k: int, block_max: torch.Tensor | None = None) -> torch.Tensor:
     """int64 [n, k] ids of the k largest values per row, by descending value, ties to
     the lower id, so the choice is independent of the topk kernel, batch and device.
 
-    Fast path: a plain topk(k + 1) settles every row whose k-th and (k+1)-th values
-    differ; rows with a tie across that boundary are re-ranked on an exact int64 key
-    (order-preserving float bits, then reversed id).
+    block_max: float [n, ceil(V / 256)] maxima of x's 256-token blocks, if known. The k
+    winners lie in the k blocks with the largest maxima (ties to the lower block), so a
+    row with many more blocks than k is searched only there.
     """
     n, vocab = x.shape
     x = x.float()
+    if 2 * k > -(-vocab // _BLOCK):
+        return _ordered_topk_rows(x, k)
+    blocked = _blocked(x, float("-inf"))
+    if block_max is None:
+        block_max = blocked.amax(dim=2)
+    # ascending block ids, so a candidate's column order is its token id order
+    blocks = ordered_topk(block_max, k).sort(dim=1).values
+    rows = torch.arange(n, device=x.device)[:, None]
+    local = _ordered_topk_rows(blocked[rows, blocks].reshape(n, k * _BLOCK), k)
+    return blocks.gather(1, local // _BLOCK) * _BLOCK + local % _BLOCK
+
+
+def _ordered_topk_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """`ordered_topk` over whole rows. Fast path: a plain topk(k + 1) settles every row
+    whose k-th and (k+1)-th values differ; rows with a tie across that boundary are
+    re-ranked on an exact int64 key (order-preserving float bits, then reversed id)."""
+    vocab = x.shape[1]
     vals, ids = x.topk(min(k + 1, vocab), dim=1, sorted=True)
     if k < vocab:
         boundary_tie = vals[:, k - 1] == vals[:, k]
@@ -259,21 +314,18 @@ def _exact_topk(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def draws_for_unique(
-    q: torch.Tensor, target: float, max_draws: int, total: torch.Tensor | None = None
+    top: torch.Tensor, sq_sum: torch.Tensor, target: float, max_draws: int
 ) -> torch.Tensor:
     """int64 [n]: the draws D <= max_draws whose E[#distinct tokens] is closest to target.
 
-    q: float [n, V] proposal, unnormalised is fine; total: its row sums if known
-    (float64 [n]), else computed. E[unique](D) = sum_i 1 - (1 - q_i)^D, exact over the
-    top tokens; the rest is treated as s1^2/s2 equal tokens that match its first two
-    moments. D depends only on q, so the estimator stays unbiased.
+    top: [n, K] the proposal's K largest probabilities; sq_sum: [n] the sum of all its
+    squared probabilities (both normalised, float64). E[unique](D) = sum_i 1 - (1 - q_i)^D,
+    exact over `top`; the rest is treated as s1^2/s2 equal tokens that match its first
+    two moments. D depends only on q, so the estimator stays unbiased.
     """
-    q = q.float()
-    total = (row_sum(q).double() if total is None else total.double()).clamp_min(1e-300)
-    top = q.topk(min(_TOP_EXACT, q.shape[1]), dim=1).values.double() / total[:, None]
+    top = top.double()
     s1 = (1.0 - row_sum(top)).clamp_min(0.0)
-    sq = row_sq_sum(q).double() / (total * total)
-    s2 = (sq - row_sum(top * top)).clamp_min(1e-300)
+    s2 = (sq_sum.double() - row_sum(top * top)).clamp_min(1e-300)
     log1m_top = torch.log1p(-top.clamp(max=1.0 - 1e-12))
     n_eff = s1 * s1 / s2
     log1m_eff = torch.log1p(-(s2 / s1.clamp_min(1e-300)).clamp(max=1.0 - 1e-12))
@@ -284,7 +336,7 @@ def draws_for_unique(
         exact = row_sum(1.0 - torch.exp((log1m_top * d[:, None]).clamp_min(-60.0)))
         return exact + n_eff * (1.0 - torch.exp((log1m_eff * d).clamp_min(-60.0)))
 
-    lo = torch.ones(q.shape[0], dtype=torch.int64, device=q.device)
+    lo = torch.ones(top.shape[0], dtype=torch.int64, device=top.device)
     hi = torch.full_like(lo, max_draws)
     while bool((lo < hi).any()):
         mid = (lo + hi) // 2
@@ -298,56 +350,90 @@ def draws_for_unique(
     return torch.where(closer & (lo > 1), below, lo)
 
 
-def inverse_cdf(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def cdf_levels(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upper levels of q's three-level CDF, from one read of q [n, V] (V a multiple
+    of 256): float32 [n, V/16] sums of 16-token sub-blocks, and float64 [n, V/256] the
+    cumulative sums of the 256-token blocks (its last column is q's row total)."""
+    sub = _groups(q, _SUB).sum(dim=2)
+    return sub, _groups(sub, _BLOCK // _SUB).sum(dim=2).double().cumsum(dim=1)
+
+
+def inverse_cdf(
+    q: torch.Tensor, u: torch.Tensor, levels: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """int64 [n, D]: token drawn for each uniform, P(token i) = q_i / sum(q).
 
-    q: float [n, V] non-negative weights; u: float64 [n, D] in [0, 1).
-    Two-level CDF: float32 cumsums inside blocks of _BLOCK tokens, float64 across
-    blocks, so tiny tail probabilities keep their share (a flat float32 cumsum over
-    150k tokens would round them away). Zero-weight tokens are never drawn.
+    q: float [n, V] non-negative weights; u: float64 [n, D] in [0, 1); levels: q's
+    `cdf_levels` if already computed. Three levels: a float64 CDF across blocks of 256
+    tokens (tiny tail probabilities keep their share: a flat float32 cumsum over 150k
+    tokens would round them away), then the block's 16 sub-block sums, then the
+    sub-block's 16 tokens. A draw reads 32 weights, and draws go 64 at a time, so the
+    working set is n * 64 * 16 whatever D. Zero-weight tokens are never drawn.
     """
-    n = q.shape[0]
-    local = _blocked(q.float()).cumsum(dim=2)
-    nb = local.shape[1]
-    block_cdf = local[:, :, -1].double().cumsum(dim=1)
-    total = block_cdf[:, -1:]
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    b = torch.searchsorted(block_cdf, target.contiguous(), right=True).clamp_(max=nb - 1)
-    before = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp_min(0)), 0.0)
-    rest = (target - before).float()
-    rows = local[torch.arange(n, device=q.device)[:, None], b]  # [n, D, _BLOCK]
-    j = torch.searchsorted(rows, rest[..., None], right=True)[..., 0]
-    last_positive = (rows < rows[..., -1:]).sum(dim=2)  # first index holding the block total
-    return b * _BLOCK + torch.minimum(j, last_positive)
+    n = len(q)
+    q = _blocked(q.float()).view(n, -1)
+    sub, cdf = cdf_levels(q) if levels is None else levels
+    total = cdf[:, -1:]
+    last = torch.nextafter(total, torch.zeros_like(total))
+    rows = torch.arange(n, device=q.device)[:, None]
+    out = torch.empty(u.shape, dtype=torch.int64, device=q.device)
+    for s in range(0, u.shape[1], _DRAW_SLICE):
+        target = torch.minimum(u[:, s:s + _DRAW_SLICE] * total, last)
+        b = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
+        rest = target - torch.where(b > 0, cdf.gather(1, (b - 1).clamp_min(0)), 0.0)
+        j, rest = _descend(_groups(sub, _BLOCK // _SUB), rows, b, rest)
+        j = b * (_BLOCK // _SUB) + j
+        i, _ = _descend(_groups(q, _SUB), rows, j, rest)
+        out[:, s:s + _DRAW_SLICE] = j * _SUB + i
+    return out
+
+
+def _descend(
+    groups: torch.Tensor, rows: torch.Tensor, g: torch.Tensor, rest: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CDF level: inside group g [n, d] of `groups` [n, G, w], the member where the
+    float64 offset `rest` [n, d] falls, and the offset left inside that member."""
+    c = groups[rows, g].double().cumsum(dim=2)  # [n, d, w]
+    j = torch.searchsorted(c, rest[..., None], right=True)[..., 0]
+    # rounding can leave rest at or past the group's total: take its last member of
+    # positive weight (the first to reach the total), never a zero-weight one
+    j = torch.minimum(j, (c < c[..., -1:]).sum(dim=2))
+    before = torch.where(j > 0, c.gather(2, (j - 1).clamp_min(0)[..., None])[..., 0], 0.0)
+    return j, rest - before
 
 
 def _sample(
     p: torch.Tensor,
     q: torch.Tensor,
+    q_top: torch.Tensor,
     mass: torch.Tensor,
     spec: TargetSpec,
     keys: torch.Tensor,
     pos: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
-    """Draw from the proposal q (p itself when t = 1, else ~ p**t); importance weights
-    p/q, normalised and scaled to `mass` (float64 [n]) per position.
+    """Draw from the proposal q (p itself when t = 1, else ~ p**t; unnormalised is fine);
+    importance weights p/q, normalised and scaled to `mass` (float64 [n]) per position.
+    q_top: float [n, K] q's largest values, for the draw count.
 
     Returns ids int32 [n, K], weights float32 [n, K], counts int32 [n, K],
     num_entries int32 [n], draws int32 [n]. Positions with zero mass get no draws.
     """
-    n, width = p.shape  # width: the padded vocabulary, also the "no draw" sentinel
-    t = spec.proposal_t
+    n, width = q.shape  # width: the padded vocabulary, also the "no draw" sentinel
+    levels = cdf_levels(q)
+    total = levels[1][:, -1]
     if spec.draws is not None:
-        draws = torch.full((n,), spec.draws, dtype=torch.int64, device=p.device)
+        draws = torch.full((n,), spec.draws, dtype=torch.int64, device=q.device)
     else:
-        total = mass if (t == 1.0 and q is p) else None
-        draws = draws_for_unique(q, spec.unique, spec.max_draws, total)
-    draws = torch.where(mass > 0, draws, 0)
+        scale = total.clamp_min(1e-300)
+        draws = draws_for_unique(q_top.double() / scale[:, None],
+                                 row_sq_sum(q).double() / (scale * scale),
+                                 spec.unique, spec.max_draws)
+    draws = torch.where((mass > 0) & (total > 0), draws, 0)
     dmax = int(draws.max()) if n else 0
     u = uniforms(spec.seed, keys, pos, dmax)
 
-    drawn = inverse_cdf(q, u)
-    valid = torch.arange(dmax, device=p.device)[None, :] < draws[:, None]
+    drawn = inverse_cdf(q, u, levels)
+    valid = torch.arange(dmax, device=q.device)[None, :] < draws[:, None]
     drawn = torch.where(valid, drawn, width)
 
     drawn, _ = drawn.sort(dim=1)
@@ -357,16 +443,16 @@ def _sample(
     seg = first.long().cumsum(dim=1) - 1
     num = (first & valid).sum(dim=1, dtype=torch.int32)
     width = int(num.max()) if n else 0
-    counts = torch.zeros(n, dmax, dtype=torch.int64, device=p.device)
+    counts = torch.zeros(n, dmax, dtype=torch.int64, device=q.device)
     counts = counts.scatter_add_(1, seg, valid.long())[:, :width]
-    ids = torch.zeros(n, dmax, dtype=torch.int64, device=p.device)
+    ids = torch.zeros(n, dmax, dtype=torch.int64, device=q.device)
     ids = ids.scatter_(1, seg, torch.where(valid, drawn, 0))[:, :width]
 
     d = draws.clamp_min(1).double()[:, None]
-    if t == 1.0:
+    if spec.proposal_t == 1.0:
         w = counts.double() / d
     else:
-        ratio = p.gather(1, ids).double() / (q.gather(1, ids).double() / row_sum(q).double()[:, None])
+        ratio = p.gather(1, ids).double() / (q.gather(1, ids).double() / total[:, None])
         w = counts.double() * ratio.nan_to_num(0.0)
         w = w / row_sum(w).clamp_min(1e-300)[:, None]
     w = (w * mass[:, None]).float()
