@@ -90,3 +90,24 @@ def test_over_a_minute_of_queued_work_for_5m_fires_teacher_queue_backlog(tmp_pat
     promtool_test(tmp_path, inputs,
                   [firing("TeacherQueueBacklog", "3m"),
                    firing("TeacherQueueBacklog", "9m", {"replica": "r0", "severity": "warning"})])
+
+
+def test_teacher_faults_and_out_of_memory_fire_for_the_replica_and_kind(tmp_path):
+    faults = "logitcast_teacher_faults_total"
+    inputs = [series(faults, TEACHER + ',kind="nonfinite"', "0 0 0 1x10", 0),
+              series(faults, TEACHER + ',kind="oom"', "0 0 0 2x10", 1)]
+    promtool_test(tmp_path, inputs, [
+        firing("TeacherFaults", "30s"),
+        firing("TeacherFaults", "1m", {"replica": "r0", "kind": "nonfinite", "severity": "warning"}),
+        firing("TeacherOutOfMemory", "1m", {"replica": "r1", "severity": "warning"})])
+
+
+def test_a_replica_up_but_not_serving_for_2m_fires_teacher_not_serving(tmp_path):
+    inputs = [series("logitcast_teacher_serving", TEACHER, "1 0x20", 0),
+              series("up", TEACHER, "1x20", 0),
+              series("logitcast_teacher_serving", TEACHER, "1x20", 1),
+              series("up", TEACHER, "1x20", 1)]
+    promtool_test(tmp_path, inputs, [
+        firing("TeacherNotServing", "1m"),
+        firing("TeacherNotServing", "4m", {"job": "logitcast-teacher", "instance": "t0:9400",
+                                           "replica": "r0", "severity": "critical"})])

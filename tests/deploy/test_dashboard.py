@@ -98,7 +98,8 @@ def test_rules_define_the_documented_recording_rules_and_alerts():
             "logitcast:client_cache_hit_ratio:rate1m",
             "logitcast:teacher_request_seconds:p99_rate1m"} <= recorded_series()
     alerts = {r["alert"]: r for r in rules() if "alert" in r}
-    assert {"TeacherReplicaDown", "FleetIdle", "TrainerStalled", "CacheWriteErrors",
+    assert {"TeacherReplicaDown", "FleetIdle", "TrainerStalled", "CacheWriteErrors", "TeacherFaults",
+            "TeacherNotServing", "TeacherOutOfMemory",
             "TeacherQueueBacklog"} <= set(alerts)
     for name, alert in alerts.items():
         assert alert["labels"]["severity"] in ("warning", "critical"), name
