@@ -200,7 +200,7 @@ class Engine:
         if self.unhealthy_reason:
             raise DrainingError(f"replica unhealthy ({self.unhealthy_reason}); retry elsewhere")
         cfg = self.config
-        job.rows_per_chunk = max(1, min(job.rows_per_chunk, cfg.max_batch_tokens // job.seq_len))
+        job.rows_per_chunk = max(1, min(job.rows_per_chunk, self.batch_tokens // job.seq_len))
         if job.spec is not None:
             ws = working_set_bytes(job.spec, self.backend.vocab_size, cfg.positions_per_chunk)
             if ws > cfg.max_working_set_bytes:
