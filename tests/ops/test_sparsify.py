@@ -8,8 +8,9 @@ from logitcast.ops import (
     row_positions,
     sparsify,
 )
+from logitcast.ops.blocks import ordered_topk
 from logitcast.ops.codec import encode
-from logitcast.ops.sparsifiers import draws_for_unique, ordered_topk
+from logitcast.ops.sparsifiers import draws_for_unique, inverse_cdf
 from tests.ops.conftest import zipf_logits, zipf_probs
 
 SPECS = [
@@ -115,6 +116,9 @@ def test_ties_go_to_the_lower_token_id_whatever_the_chunking():
     vals = bf16.gather(1, ref)
     assert bool((vals[:, :-1] >= vals[:, 1:]).all())
     assert torch.equal(vals[:, -1], bf16.topk(50, dim=1).values[:, -1])
+    wide = (torch.randn(16, 20000, generator=g) * 4).bfloat16().float()  # 79 blocks of 256
+    in_order = wide.sort(dim=1, descending=True, stable=True).indices  # ties: lower id first
+    assert torch.equal(ordered_topk(wide, 20), in_order[:, :20])  # searched in 20 blocks
 
 
 # ---------------------------------------------------------------------------- semantics
@@ -152,6 +156,34 @@ def test_unique_target_picks_draws_that_give_about_that_many_tokens():
     q = peaked.softmax(1).double()
     top = q.topk(16, dim=1).values
     assert draws_for_unique(top, (q * q).sum(1), 12.0, 128).tolist() == [128, 128]
+
+
+def test_thousands_of_draws_go_through_in_slices_and_follow_the_exact_cdf():
+    vocab, n, d = 49152, 4, 4096
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(n, vocab, generator=g) * 3.0
+    logits[:, ::3] = float("-inf")  # impossible tokens
+    q = torch.softmax(logits, dim=1)
+    u = torch.rand(n, d, generator=g, dtype=torch.float64)
+    drawn = inverse_cdf(q, u)
+    assert drawn.shape == (n, d)
+    assert bool((drawn % 3 != 0).all())
+    assert int(drawn.max()) < vocab
+    order = torch.arange(vocab).view(-1, 16, 16).transpose(1, 2).reshape(-1)  # the CDF's order
+    flat = q[:, order].double().cumsum(dim=1)
+    exact = order[torch.searchsorted(flat, u * flat[:, -1:], right=True)]
+    assert float((drawn == exact).double().mean()) > 0.999  # differs only at rounding edges
+
+    st = sparsify(logits, TargetSpec(method="sample", draws=d, unique=None),
+                  row_keys=torch.arange(n), positions=torch.zeros(n, dtype=torch.int64))
+    assert st.draws.tolist() == [d] * n
+    assert bool((st.counts.sum(1) == d).all())
+    valid = torch.arange(st.width)[None, :] < st.num_entries[:, None]
+    ids = st.ids[valid]
+    assert bool((ids % 3 != 0).all())
+    assert int(ids.max()) < vocab
+    assert bool((st.ids[:, 1:] > st.ids[:, :-1])[valid[:, 1:]].all())  # each token once
+    assert torch.allclose(st.weights.double().sum(1), torch.ones(n, dtype=torch.float64))
 
 
 def test_temperature_and_extras():
