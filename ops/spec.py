@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from logitcast.ops.errors import InvalidSpecError
 
 METHODS = ("full", "topk", "top_p_k", "sample", "head_tail")
+
+#: Temperatures and proposal exponents outside this range are refused: far beyond any
+#: use, they only overflow float32 logits (x / 1e-39 is inf) or flatten them to noise.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 1e2
 
 #: Largest number of draws per position: counts are stored as count - 1 in
 #: 7 bits next to the token id (Sparse Logit Sampling, appendix D.1).
@@ -63,9 +66,10 @@ class TargetSpec:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidSpecError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature > 0):
-            raise InvalidSpecError(f"temperature must be finite and > 0, got {self.temperature!r}")
+        if not (isinstance(self.temperature, (int, float))
+                and MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise InvalidSpecError(f"temperature must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                                   f"got {self.temperature!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise InvalidSpecError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         if self.method in ("topk", "top_p_k") and (not isinstance(self.k, int) or self.k < 1):
@@ -95,8 +99,10 @@ class TargetSpec:
             raise InvalidSpecError(
                 f"unique must be in (0, max_draws={self.max_draws}], got {self.unique!r}"
             )
-        if not (math.isfinite(self.proposal_t) and self.proposal_t > 0):
-            raise InvalidSpecError(f"proposal_t must be finite and > 0, got {self.proposal_t!r}")
+        if not (isinstance(self.proposal_t, (int, float))
+                and MIN_TEMPERATURE <= self.proposal_t <= MAX_TEMPERATURE):
+            raise InvalidSpecError(f"proposal_t must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                                   f"got {self.proposal_t!r}")
 
     @property
     def sampled(self) -> bool:
