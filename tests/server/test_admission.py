@@ -44,6 +44,8 @@ def test_draws_and_dense_targets_are_limited_by_the_server(tiny_backend):
                 ({"method": "sample", "unique": 4.0, "max_draws": 65535}, "spec.max_draws=65535"),
                 ({"method": "head_tail", "draws": 65}, "spec.draws=65"),
                 ({"method": "full"}, "--allow-full"),
+                ({"method": "topk", "k": 5, "temperature": 1e-39}, "temperature must be in"),
+                ({"method": "head_tail", "proposal_t": 2e-174}, "proposal_t must be in"),
             ):
                 request = distill_request(tokens)
                 request.spec.CopyFrom(spec_msg(**fields))
