@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ METHODS = {
     "head_tail(4+8)": TargetSpec(method="head_tail", k_head=4, unique=8.0),
 }
 CHUNK = 256  # positions per sparsify chunk, as the server's positions_per_chunk
+SPEED_ROUNDS = 3  # at least this many timed rounds (method and softmax each), best kept
 
 
 def teacher_logit_chunks(quick: bool, device: str):
@@ -136,9 +138,10 @@ def plain_softmax(logits: torch.Tensor) -> None:
 
 def timed_with_softmax(work, logits: torch.Tensor, repeat: int):
     """(result of work, best seconds of work, best seconds of `plain_softmax`), the two
-    run in turn so that both see the same machine (other load comes and goes)."""
+    run in turn, at least SPEED_ROUNDS times, so that both see the same machine (other
+    load comes and goes, and costs many small ops more than one big softmax)."""
     best_work = best_softmax = float("inf")
-    for _ in range(repeat):
+    for _ in range(max(repeat, SPEED_ROUNDS)):
         best_softmax = min(best_softmax, timed(lambda: plain_softmax(logits))[1])
         out, secs = timed(work)
         best_work = min(best_work, secs)
@@ -160,7 +163,8 @@ def run_vocab(name: str, logits, labels, keys, seq, repeat, bias_seeds: int) -> 
         keys_flat, pos = torch.arange(n, dtype=torch.int64) * 1000003, torch.zeros(n, dtype=torch.int64)
     else:
         keys_flat, pos = row_positions(keys, seq)
-    out = {"vocab": vocab, "positions": n, "chunk": CHUNK, "methods": {}}
+    out = {"vocab": vocab, "positions": n, "chunk": CHUNK, "methods": {},
+           "load_average_1m_at_start": os.getloadavg()[0]}
     softmax_best = float("inf")
     for label, spec in METHODS.items():
         def work(spec=spec):
@@ -190,6 +194,7 @@ def run_vocab(name: str, logits, labels, keys, seq, repeat, bias_seeds: int) -> 
               f"{row[f'top50_bias_{bias_seeds}_seeds']:.3f} ({bias_seeds} seeds)  "
               f"{row['pos_per_s']:8.0f} pos/s (x{row['vs_softmax']:.3f} softmax)", flush=True)
     out["softmax_pos_per_s"] = n / softmax_best
+    out["load_average_1m_at_end"] = os.getloadavg()[0]  # other processes slow many small ops most
     print(f"  {name:>10} plain softmax in {CHUNK}-row chunks {out['softmax_pos_per_s']:.0f} pos/s "
           f"(best of the runs alternated with each method)")
     _, ref_s = timed(lambda: reference_rs(logits, 50), repeat=repeat)

@@ -26,6 +26,12 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
     return blocked(x).sum(dim=2).cumsum(dim=1)[:, -1]
 
 
+def short_row_sum(x: torch.Tensor) -> torch.Tensor:
+    """[n, K] -> [n] for short rows (K of a few dozen): a sequential cumsum, as
+    batch-invariant as `row_sum` without padding K to a 256-wide block."""
+    return x.cumsum(dim=1)[:, -1] if x.shape[1] else x.new_zeros(x.shape[0])
+
+
 def row_sq_sum(x: torch.Tensor) -> torch.Tensor:
     """[n, V] -> [n] sums of squares, batch-invariant like `row_sum`, in one pass."""
     return (torch.linalg.vector_norm(blocked(x), dim=2) ** 2).cumsum(dim=1)[:, -1]

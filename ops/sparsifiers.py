@@ -24,7 +24,16 @@ from __future__ import annotations
 
 import torch
 
-from logitcast.ops.blocks import BLOCK, blocked, groups, ordered_topk, row_sq_sum, row_sum, top_ids
+from logitcast.ops.blocks import (
+    BLOCK,
+    blocked,
+    groups,
+    ordered_topk,
+    row_sq_sum,
+    row_sum,
+    short_row_sum,
+    top_ids,
+)
 from logitcast.ops.errors import InvalidSpecError, NonFiniteLogitsError
 from logitcast.ops.rng import uniforms
 from logitcast.ops.spec import TargetSpec
@@ -37,7 +46,7 @@ DEFAULT_CHUNK = 64
 MAX_VOCAB = 1 << 24
 _SUB = 16  # sub-blocks per block and tokens per sub-block: the CDF's middle level
 _TOP_EXACT = 16  # largest proposal tokens whose contribution to E[unique] is computed exactly
-_DRAW_SLICE = 64  # draws per inverse-CDF step: its working set is chunk * 64 * 16, whatever D
+_DRAW_SLICE = 128  # draws per inverse-CDF step: its working set is chunk * 128 * 16, whatever D
 
 
 def row_positions(row_keys: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +215,8 @@ def _sampled(
     q = p if t == 1.0 else torch.softmax(x * (t / spec.temperature), dim=1)
     q_top = q.gather(1, top[:, k_head:])
     head_w = p.gather(1, head)
-    mass = (1.0 - row_sum(head_w.double())).clamp_min(0.0)
+    mass = ((1.0 - row_sum(head_w.double())).clamp_min(0.0) if k_head
+            else torch.ones(len(x), dtype=torch.float64, device=x.device))
     q.scatter_(1, head, 0.0)  # the tail, in place (q may be p itself: restored below)
     ids, w, counts, num, draws = _sample(p, q, q_top, mass, spec, keys, pos)
     if q is p:
@@ -247,8 +257,8 @@ def draws_for_unique(
     two moments. D depends only on q, so the estimator stays unbiased.
     """
     top = top.double()
-    s1 = (1.0 - row_sum(top)).clamp_min(0.0)
-    s2 = (sq_sum.double() - row_sum(top * top)).clamp_min(1e-300)
+    s1 = (1.0 - short_row_sum(top)).clamp_min(0.0)
+    s2 = (sq_sum.double() - short_row_sum(top * top)).clamp_min(1e-300)
     log1m_top = torch.log1p(-top.clamp(max=1.0 - 1e-12))
     n_eff = s1 * s1 / s2
     log1m_eff = torch.log1p(-(s2 / s1.clamp_min(1e-300)).clamp(max=1.0 - 1e-12))
@@ -256,7 +266,7 @@ def draws_for_unique(
     def expected_unique(d: torch.Tensor) -> torch.Tensor:
         d = d.double()
         # exponents clamped at -60: (1 - q)^D below e^-60 is 0 here, and denormals are slow
-        exact = row_sum(1.0 - torch.exp((log1m_top * d[:, None]).clamp_min(-60.0)))
+        exact = short_row_sum(1.0 - torch.exp((log1m_top * d[:, None]).clamp_min(-60.0)))
         return exact + n_eff * (1.0 - torch.exp((log1m_eff * d).clamp_min(-60.0)))
 
     lo = torch.ones(top.shape[0], dtype=torch.int64, device=top.device)
@@ -303,8 +313,8 @@ def inverse_cdf(
     keep their share: a flat float32 cumsum over 150k tokens would round them away),
     then the block's 16 sub-block sums, then the sub-block's 16 tokens; so the CDF
     runs over a block's tokens in `_subblocks` order (0, 16, ..., 240, 1, 17, ...).
-    A draw reads 32 weights, and draws go 64 per row at a time, so the working set is
-    n * 64 * 16 whatever D. Zero-weight tokens are never drawn.
+    A draw reads 32 weights, and draws go 128 per row at a time, so the working set is
+    n * 128 * 16 whatever D. Zero-weight tokens are never drawn.
     """
     n, d = u.shape
     q = blocked(q.float()).flatten(1)
