@@ -105,7 +105,8 @@ def start_server_process(serve_args: list[str], log: Path, *, threads: int | Non
     """`logitcast serve` in a child process on a free loopback port, with `serve_args`;
     returns (process, address, Info response) once it answers, or raises RuntimeError
     naming the log. threads: OMP_NUM_THREADS of the child (None: inherit). port: listen
-    on this port instead (e.g. to restart a killed server where its clients expect it)."""
+    on this port instead (e.g. to restart a killed server where its clients expect it).
+    With `--auth-token-file` in serve_args, the Info probe sends that token."""
     import os
     import subprocess
     import sys
@@ -127,15 +128,21 @@ def start_server_process(serve_args: list[str], log: Path, *, threads: int | Non
             [sys.executable, "-m", "logitcast.cli.main", "serve", "--port", str(port),
              *serve_args], stdout=out, stderr=subprocess.STDOUT, env=env)
     address = f"127.0.0.1:{port}"
+    metadata = []
+    for flag, value in zip(serve_args, serve_args[1:]):
+        if flag == "--auth-token-file":
+            metadata = [("authorization", f"Bearer {Path(value).read_text().strip()}")]
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    # reconnect quickly: the default backoff would notice a server minutes into its start late
+    options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
+    with grpc.insecure_channel(address, options=options) as channel:
         stub = pb_grpc.TeacherStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"the teacher server exited; see {log}")
             try:
-                return proc, address, stub.Info(pb.InfoRequest(), timeout=2)
+                return proc, address, stub.Info(pb.InfoRequest(), timeout=2, metadata=metadata)
             except grpc.RpcError:
-                time.sleep(0.5)
+                time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"the teacher server did not answer within {timeout_s:.0f}s; see {log}")
