@@ -211,9 +211,16 @@ class Engine:
             raise ValueError(f"request needs ~{cost} bytes of server memory, over "
                              f"max_queue_bytes={cfg.max_queue_bytes}; send fewer or shorter rows")
         tokens = job.rows * job.seq_len
-        if self.queued_tokens + tokens > cfg.max_queue_tokens:
-            raise OverloadedError(f"queue holds {self.queued_tokens} tokens; {tokens} more would "
-                                  f"exceed max_queue_tokens={cfg.max_queue_tokens}")
+        if tokens > cfg.max_queue_tokens:
+            raise ValueError(f"request has {tokens} tokens, over this server's "
+                             f"max_queue_tokens={cfg.max_queue_tokens}; send fewer or shorter rows")
+        # rows a slow reader has paused owe the device nothing yet: they do not keep
+        # anyone else out (their inputs stay priced in the memory budget)
+        paused = sum(j.queued_tokens for j in self._open
+                     if not self._rr.runnable(j, cfg.stream_buffer_bytes))
+        if self.queued_tokens - paused + tokens > cfg.max_queue_tokens:
+            raise OverloadedError(f"queue holds {self.queued_tokens - paused} tokens; {tokens} "
+                                  f"more would exceed max_queue_tokens={cfg.max_queue_tokens}")
         if self.reserved_bytes + cost > cfg.max_queue_bytes:
             raise OverloadedError(f"admitted requests hold {self.reserved_bytes} bytes; {cost} "
                                   f"more would exceed max_queue_bytes={cfg.max_queue_bytes}")

@@ -94,7 +94,7 @@ class RoundRobin:
         `budget_tokens` tokens (one chunk may exceed it when alone); [] if no job can run."""
         while self._jobs and (self._jobs[0].closed or self._jobs[0].next_row >= self._jobs[0].rows):
             self._jobs.popleft()
-        ready = [j for j in self._jobs if self._can_run(j, buffer_bytes)]
+        ready = [j for j in self._jobs if self.runnable(j, buffer_bytes)]
         if not ready:
             return []
         kind = ready[0].batch_kind
@@ -104,7 +104,7 @@ class RoundRobin:
         while progress:
             progress = False
             for job in ready:
-                if not self._can_run(job, buffer_bytes):
+                if not self.runnable(job, buffer_bytes):
                     continue
                 rows = min(job.rows_per_chunk, job.rows - job.next_row)
                 if rows * job.seq_len > budget and taken:
@@ -122,7 +122,8 @@ class RoundRobin:
         return [(job, start, count) for job, (start, count) in taken.items()]
 
     @staticmethod
-    def _can_run(job: Job, buffer_bytes: int) -> bool:
+    def runnable(job: Job, buffer_bytes: int) -> bool:
+        """The job has rows left and room in its stream buffer for its next chunk."""
         if job.closed or job.next_row >= job.rows:
             return False
         rows = min(job.rows_per_chunk, job.rows - job.next_row)

@@ -104,8 +104,23 @@ def test_admission_prices_output_bytes_not_just_tokens(tiny_backend):
         s.close()
 
 
+def wait_until_quiet(read, timeout_s=60.0):
+    """Poll `read()` until it holds still for a second (bounded)."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        now = read()
+        if now == last:
+            return now
+        last = now
+        time.sleep(1.0)
+    return last
+
+
 def test_a_slow_reader_pauses_only_its_own_job(tiny_backend):
-    cfg = EngineConfig(stream_buffer_bytes=1 << 20, max_batch_tokens=1024)
+    """Its paused rows neither run ahead of the reader nor keep others out of the queue
+    (the queue holds 300 + 20 rows' tokens only if the paused ones do not count)."""
+    cfg = EngineConfig(stream_buffer_bytes=1 << 20, max_batch_tokens=1024,
+                       max_queue_tokens=310 * 256)
     s = ServerThread(tiny_backend, engine_config=cfg)
     engine = s.server.engine
     try:
@@ -113,6 +128,7 @@ def test_a_slow_reader_pauses_only_its_own_job(tiny_backend):
             slow = pb_grpc.TeacherStub(slow_ch).Distill(
                 distill_request(tokens_for(300, 256), BIG, rows_per_chunk=1))
             first = next(slow)
+            wait_until_quiet(lambda: engine.queued_tokens)  # the slow job is paused now
             fast = list(pb_grpc.TeacherStub(ch).Distill(
                 distill_request(tokens_for(20, 256, seed=1), BIG, rows_per_chunk=1)))
             assert len(fast) == 20

@@ -122,13 +122,13 @@ def test_a_client_cannot_choose_the_coordinates_of_its_draws(stub):
         assert [c.payload for c in stub.Distill(forged)] == honest
 
 
-def test_over_capacity_is_resource_exhausted(tiny_backend):
+def test_a_request_over_the_whole_queue_is_invalid_not_retryable(tiny_backend):
     s = ServerThread(tiny_backend, engine_config=EngineConfig(max_queue_tokens=100))
     try:
         with grpc.insecure_channel(s.address) as ch:
             stub = pb_grpc.TeacherStub(ch)
             expect_code(stub, distill_request(tokens_for(rows=4, seq=32)),
-                        grpc.StatusCode.RESOURCE_EXHAUSTED, "max_queue_tokens=100")
+                        grpc.StatusCode.INVALID_ARGUMENT, "max_queue_tokens=100")
             assert s.server.engine.active_jobs == 0  # a refused request holds nothing
             assert len(payloads(stub, tokens_for(rows=2, seq=32))) == 1
             assert s.server.metrics.inflight._value.get() == 0
