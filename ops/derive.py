@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from logitcast.ops.sparsifiers import row_sum
+from logitcast.ops.blocks import row_sum
 from logitcast.ops.spec import TargetSpec
 from logitcast.ops.targets import SparseTargets
 from logitcast.ops.thinning import thin

@@ -16,8 +16,8 @@ import dataclasses
 
 import torch
 
+from logitcast.ops.blocks import row_sum
 from logitcast.ops.rng import STREAM_THIN, uniforms
-from logitcast.ops.sparsifiers import row_sum
 from logitcast.ops.targets import SparseTargets
 
 

@@ -134,6 +134,7 @@ class Engine:
         self._faults = 0
         self.unhealthy_reason: str | None = None
         self.on_unhealthy: list[Callable[[str], None]] = []
+        self._namespaces: dict[tuple, CacheNamespace] = {}  # CPU stage only
         self.batch_tokens = config.max_batch_tokens
         self.queued_tokens = 0
         self.reserved_bytes = 0
@@ -446,9 +447,12 @@ class Engine:
     def _tee(self, job: Job, c: _Chunk, payload: bytes) -> None:
         """Cache records under the unit keys: one per row, or per document segment."""
         assert self.tee is not None
-        b = self.backend
-        namespace = CacheNamespace(teacher_id=b.teacher_id, tokenizer_fingerprint=b.tokenizer_fingerprint,
-                                   spec=job.spec, document_mode=job.document_ids is not None)
+        b, mode = self.backend, job.document_ids is not None
+        namespace = self._namespaces.get((job.spec, mode))
+        if namespace is None:
+            namespace = self._namespaces[job.spec, mode] = CacheNamespace(
+                teacher_id=b.teacher_id, tokenizer_fingerprint=b.tokenizer_fingerprint,
+                spec=job.spec, document_mode=mode)
         seq = job.seq_len
         docs = None if job.document_ids is None else job.document_ids[c.row_start:c.row_start + c.rows]
         for (r, s, e), key in zip(units(c.tokens, docs), c.unit_keys):

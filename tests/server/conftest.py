@@ -45,6 +45,13 @@ def stub(server):
         yield pb_grpc.TeacherStub(channel)
 
 
+def rpc_error(fn) -> tuple[grpc.StatusCode, str]:
+    """(code, details) of the RpcError `fn()` must raise."""
+    with pytest.raises(grpc.RpcError) as err:
+        fn()
+    return err.value.code(), err.value.details()
+
+
 def distill_request(tokens: torch.Tensor, spec: TargetSpec | None = None,
                     **fields) -> pb.DistillRequest:
     fields.setdefault("codec_version", VERSION)

@@ -5,7 +5,6 @@ import threading
 import time
 
 import grpc
-import pytest
 import torch
 
 from logitcast.ops import TargetSpec
@@ -13,7 +12,7 @@ from logitcast.protos import teacher_pb2 as pb
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
 from logitcast.server.engine import EngineConfig
 from logitcast.server.limits import RequestLimits
-from tests.server.conftest import ServerThread, distill_request
+from tests.server.conftest import ServerThread, distill_request, rpc_error
 
 VOCAB = 1000
 BIG = TargetSpec(method="topk", k=200)  # ~200 KB per 256-token row: fills HTTP/2 windows
@@ -21,16 +20,6 @@ BIG = TargetSpec(method="topk", k=200)  # ~200 KB per 256-token row: fills HTTP/
 
 def tokens_for(rows, seq, seed=0):
     return torch.randint(0, VOCAB, (rows, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def code_of(fn):
-    with pytest.raises(grpc.RpcError) as err:
-        fn()
-    return err.value.code(), err.value.details()
-
-
-def spec_msg(**fields):
-    return pb.TargetSpec(**fields)
 
 
 def test_draws_and_dense_targets_are_limited_by_the_server(tiny_backend):
@@ -48,8 +37,8 @@ def test_draws_and_dense_targets_are_limited_by_the_server(tiny_backend):
                 ({"method": "head_tail", "proposal_t": 2e-174}, "proposal_t must be in"),
             ):
                 request = distill_request(tokens)
-                request.spec.CopyFrom(spec_msg(**fields))
-                code, details = code_of(lambda r=request: list(stub.Distill(r)))
+                request.spec.CopyFrom(pb.TargetSpec(**fields))
+                code, details = rpc_error(lambda r=request: list(stub.Distill(r)))
                 assert code == grpc.StatusCode.INVALID_ARGUMENT, details
                 assert match in details
             request = distill_request(tokens, TargetSpec(method="sample", draws=64, unique=None))
@@ -59,7 +48,7 @@ def test_draws_and_dense_targets_are_limited_by_the_server(tiny_backend):
     s = ServerThread(tiny_backend, limits=RequestLimits(allow_full=True, max_full_vocab=512))
     try:
         with grpc.insecure_channel(s.address) as ch:
-            code, details = code_of(lambda: list(pb_grpc.TeacherStub(ch).Distill(
+            code, details = rpc_error(lambda: list(pb_grpc.TeacherStub(ch).Distill(
                 distill_request(tokens_for(1, 8), TargetSpec(method="full")))))
             assert code == grpc.StatusCode.INVALID_ARGUMENT
             assert "max_full_vocab=512" in details
@@ -82,7 +71,7 @@ def test_admission_prices_output_bytes_not_just_tokens(tiny_backend):
         with grpc.insecure_channel(s.address) as ch:
             stub = pb_grpc.TeacherStub(ch)
             # one request can never fit: refused as a bad request, not as "retry later"
-            code, details = code_of(lambda: list(stub.Distill(distill_request(
+            code, details = rpc_error(lambda: list(stub.Distill(distill_request(
                 tokens_for(1, 1024), TargetSpec(method="topk", k=1000)))))
             assert code == grpc.StatusCode.INVALID_ARGUMENT
             assert "max_queue_bytes" in details
@@ -91,7 +80,7 @@ def test_admission_prices_output_bytes_not_just_tokens(tiny_backend):
                                                   rows_per_chunk=1)) for i in range(2)]
             for call in calls:
                 next(call)
-            code, details = code_of(lambda: list(stub.Distill(distill_request(
+            code, details = rpc_error(lambda: list(stub.Distill(distill_request(
                 tokens_for(40, 256, seed=9), BIG, rows_per_chunk=1))))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max_queue_bytes" in details
@@ -154,7 +143,7 @@ def test_a_reader_that_stops_is_cancelled_with_a_clear_status(tiny_backend):
             deadline = time.monotonic() + 60
             while s.server.metrics.stalled_streams._value.get() == 0 and time.monotonic() < deadline:
                 time.sleep(0.1)
-            code, details = code_of(lambda: list(stalled))
+            code, details = rpc_error(lambda: list(stalled))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "read nothing" in details
             assert engine.active_jobs == 0
@@ -171,7 +160,7 @@ def test_engine_close_never_blocks_the_event_loop(tiny_backend):
     s = ServerThread(FaultyBackend(tiny_backend, gate=gate))
     with grpc.insecure_channel(s.address) as ch:
         call = pb_grpc.TeacherStub(ch).Distill(distill_request(tokens_for(2, 16)))
-        threading.Thread(target=lambda: code_of(lambda: list(call)), daemon=True).start()
+        threading.Thread(target=lambda: rpc_error(lambda: list(call)), daemon=True).start()
         deadline = time.monotonic() + 30
         while s.server.engine.active_jobs == 0 and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -2,7 +2,6 @@
 client that loses a stream mid-way and re-requests only the rows it did not get."""
 
 import grpc
-import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -14,19 +13,13 @@ from logitcast.ops.rowkey import row_key
 from logitcast.protos import teacher_pb2 as pb
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
 from logitcast.server.engine import EngineConfig
-from tests.server.conftest import FaultyBackend, ServerThread, distill_request
+from tests.server.conftest import FaultyBackend, ServerThread, distill_request, rpc_error
 
 POISON = 999
 
 
 def tokens_for(rows, seq, seed=0):
     return torch.randint(0, POISON, (rows, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def call_code(fn):
-    with pytest.raises(grpc.RpcError) as err:
-        fn()
-    return err.value.code(), err.value.details()
 
 
 def test_nan_logits_are_internal_naming_the_position_and_three_make_the_replica_unhealthy(
@@ -39,14 +32,14 @@ def test_nan_logits_are_internal_naming_the_position_and_three_make_the_replica_
             health = health_pb2_grpc.HealthStub(ch)
             bad = tokens_for(2, 16)
             bad[1, 5] = POISON
-            code, details = call_code(lambda: list(stub.Distill(distill_request(bad))))
+            code, details = rpc_error(lambda: list(stub.Distill(distill_request(bad))))
             assert code == grpc.StatusCode.INTERNAL
             assert "row 1, position 5" in details
             assert len(list(stub.Distill(distill_request(tokens_for(2, 16))))) == 1  # still serving
             for _ in range(3):
-                assert call_code(lambda: list(stub.Distill(distill_request(bad))))[0] == \
+                assert rpc_error(lambda: list(stub.Distill(distill_request(bad))))[0] == \
                     grpc.StatusCode.INTERNAL
-            code, details = call_code(lambda: list(stub.Distill(distill_request(tokens_for(2, 16)))))
+            code, details = rpc_error(lambda: list(stub.Distill(distill_request(tokens_for(2, 16)))))
             assert code == grpc.StatusCode.UNAVAILABLE
             assert "unhealthy" in details
             assert health.Check(health_pb2.HealthCheckRequest(service="")).status == \
@@ -65,12 +58,12 @@ def test_out_of_memory_is_resource_exhausted_and_halves_the_batch_budget(tiny_ba
         with grpc.insecure_channel(s.address) as ch:
             stub = pb_grpc.TeacherStub(ch)
             tokens = tokens_for(8, 32)
-            code, details = call_code(lambda: list(stub.Distill(
+            code, details = rpc_error(lambda: list(stub.Distill(
                 distill_request(tokens, rows_per_chunk=1))))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "out of memory" in details
             assert s.server.engine.batch_tokens == 128
-            call_code(lambda: list(stub.Distill(distill_request(tokens, rows_per_chunk=1))))
+            rpc_error(lambda: list(stub.Distill(distill_request(tokens, rows_per_chunk=1))))
             assert s.server.engine.batch_tokens == 64
             chunks = list(stub.Distill(distill_request(tokens, rows_per_chunk=1)))
             assert len(chunks) == 8  # fits now; the replica stayed healthy
@@ -87,7 +80,7 @@ def test_score_is_admitted_against_the_same_budgets(tiny_backend):
         with grpc.insecure_channel(s.address) as ch:
             stub = pb_grpc.TeacherStub(ch)
             rows = distill_request(tokens_for(4, 32)).rows
-            code, details = call_code(lambda: stub.Score(pb.ScoreRequest(rows=rows)))
+            code, details = rpc_error(lambda: stub.Score(pb.ScoreRequest(rows=rows)))
             assert code == grpc.StatusCode.INVALID_ARGUMENT  # 128 tokens never fit 100
             assert "max_queue_tokens" in details
             small = distill_request(tokens_for(2, 32)).rows
