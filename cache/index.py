@@ -137,6 +137,7 @@ class Run:
             at += count * width
         self.hi, self.lo, self.offset, self.length, self.shard = cols
         self._body = (body, at)
+        self._pad = (names_end, body)
         self._arr = arr
 
     def __len__(self) -> int:
@@ -146,7 +147,8 @@ class Run:
         """Verify the column checksum (reads the whole run)."""
         start, end = self._body
         crc, magic = _FOOT.unpack(bytes(self._arr[end:end + _FOOT.size]))
-        if magic != RUN_MAGIC or zlib.crc32(self._arr[start:end]) != crc:
+        pad = self._arr[self._pad[0]:self._pad[1]]
+        if magic != RUN_MAGIC or zlib.crc32(self._arr[start:end]) != crc or pad.any():
             raise IndexCorruptError(f"{self.name}: entry checksum mismatch")
         if self.count and (np.any(self.hi[1:] < self.hi[:-1]) or
                            int(self.shard.max()) >= len(self.shards)):

@@ -42,6 +42,7 @@ from logitcast.cache.records import (
     scan_records,
 )
 from logitcast.cache.storage import Storage, WriterIdInUseError, open_storage
+from logitcast.cache.v1 import V1_INDEX_MAGIC
 from logitcast.cache.writer import CacheWriter
 
 logger = logging.getLogger(__name__)
@@ -236,7 +237,8 @@ def compact(root: str | Storage, namespace: CacheNamespace) -> dict:
                 if not any(j != i and shard_sets[i] <= shard_sets[j] and
                            (shard_sets[i] != shard_sets[j] or j < i)
                            for j in range(len(runs)))]
-        if len(keep) <= 1 and len(runs) == len(keep):
+        upgrade = any(storage.read(prefix + n, 0, 4) == V1_INDEX_MAGIC for n in inputs)
+        if len(keep) <= 1 and len(runs) == len(keep) and not upgrade:
             for r in runs:
                 r.close()
             return {"sealed": sealed, "merged": 0, "entries": sum(len(r) for r in keep),

@@ -245,6 +245,11 @@ class CacheReader:
                 except FileNotFoundError:
                     missing = True
                     continue
+                except (OSError, ValueError) as exc:  # e.g. a damaged index entry's offset
+                    damaged = damaged or CacheCorruptError(
+                        f"{loc.shard} offset {loc.offset}: unreadable: {exc}", loc.shard,
+                        loc.offset)
+                    continue
                 try:
                     return bytes(check_record(data, loc.shard, loc.offset, key))
                 except CacheCorruptError as exc:
@@ -269,16 +274,18 @@ class CacheReader:
             if got is not None:
                 blocks.move_to_end(loc.shard)
                 return got
-        sequential = self._local.expected.get(loc.shard) == loc.offset
-        self._local.expected[loc.shard] = loc.offset + loc.length
-        if not sequential:  # random access: read just the record
+        at, streak = self._local.expected.get(loc.shard, (-1, 0))
+        streak = streak + 1 if at == loc.offset else 0
+        self._local.expected[loc.shard] = (loc.offset + loc.length, streak)
+        if streak < 2:  # random access (or not yet three in a row): read just the record
             return self.storage.read(loc.shard, loc.offset, loc.length)
         blocks[loc.shard] = block = _Block(
             loc.offset, self.storage.read(loc.shard, loc.offset, self.readahead_bytes),
             lambda at, shard=loc.shard: self._prefetch(shard, at))
         while len(blocks) > self.readahead_shards:
             blocks.popitem(last=False)
-        return block.take(loc.offset, loc.length)
+        got = block.take(loc.offset, loc.length)
+        return got if got is not None else self.storage.read(loc.shard, loc.offset, loc.length)
 
     def _prefetch(self, shard: str, offset: int, length: int = 0) -> Future:
         if self._pool is None:

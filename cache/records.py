@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 SHARD_MAGIC, RECORD_MAGIC = b"LCC1", b"LCR1"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-SHARD_HEADER = struct.Struct("<4sI8x")
+SHARD_HEADER = struct.Struct("<4sI8s")
 REC_HEAD = struct.Struct(f"<4sI{KEY_BYTES}s")
 CRC = struct.Struct("<I")
 MAX_PAYLOAD = 1 << 30
@@ -66,7 +66,7 @@ def default_writer_id(prefix: str = "w") -> str:
 
 
 def shard_header() -> bytes:
-    return SHARD_HEADER.pack(SHARD_MAGIC, FORMAT_VERSION)
+    return SHARD_HEADER.pack(SHARD_MAGIC, FORMAT_VERSION, bytes(8))
 
 
 def encode_record(key: bytes, payload: bytes) -> bytes:
@@ -124,8 +124,8 @@ def scan_records(data, shard: str, start: int = SHARD_HEADER.size,
 def check_shard_header(data, shard: str) -> None:
     if len(data) < SHARD_HEADER.size:
         raise CacheCorruptError(f"{shard}: shorter than the shard header", shard, 0)
-    magic, version = SHARD_HEADER.unpack_from(data)
-    if magic != SHARD_MAGIC or version not in READABLE_VERSIONS:
+    magic, version, zeros = SHARD_HEADER.unpack_from(data)
+    if magic != SHARD_MAGIC or version not in READABLE_VERSIONS or any(zeros):
         raise CacheCorruptError(f"{shard}: not a cache shard of format version "
                                 f"{' or '.join(map(str, READABLE_VERSIONS))}", shard, 0)
 

@@ -41,18 +41,20 @@ class TargetCache:
 
     def get(self, key: bytes) -> bytes | None:
         """The payload, or None on a miss (absent or damaged)."""
+        damaged = None
         try:
             if self.reader.contains(key, refresh_s=self.refresh_s):
                 payload = self.reader.get(key)
                 if payload is not None:
                     return payload
         except CacheCorruptError as exc:
-            self._corrupt(key, exc)
-            return None
-        if self.writer is not None:  # not yet visible to readers (an object store's staging)
+            damaged = exc
+        if self.writer is not None:  # a re-written copy, or one readers cannot see yet
             record = self.writer.read_open(key)
             if record is not None:
                 return bytes(check_record(record, "open shard", 0, key))
+        if damaged is not None:
+            self._corrupt(key, damaged)
         return None
 
     def _corrupt(self, key: bytes, exc: CacheCorruptError) -> None:

@@ -53,13 +53,13 @@ class CacheWriter:
         skip_existing: `put` ignores keys any writer already stored in the namespace
         (checked against the on-disk index, refreshed every `put` that misses it at most
         once a second). merge_fanout: runs of one size tier merged at once (>= 2)."""
-        if shard_bytes < 4096:
-            raise ValueError(f"shard_bytes must be >= 4096, got {shard_bytes}")
+        if shard_bytes < 64:
+            raise ValueError(f"shard_bytes must be >= 64, got {shard_bytes}")
         if merge_fanout < 2:
             raise ValueError(f"merge_fanout must be >= 2, got {merge_fanout}")
         self.storage = open_storage(root)
         self.namespace, self.shard_bytes = namespace, shard_bytes
-        self.writer_id = check_writer_id(writer_id or default_writer_id())
+        self.writer_id = check_writer_id(default_writer_id() if writer_id is None else writer_id)
         self.merge_fanout = merge_fanout
         self.dir = open_namespace(self.storage, namespace, create=True)
         self._lease = self.storage.lock(f"{self.dir}/{self.writer_id}.lock",

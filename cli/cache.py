@@ -1,63 +1,67 @@
-"""`logitcast cache stats|verify|compact|export ROOT`: inspect and maintain a target cache."""
+"""`logitcast cache stats|verify|compact|export ROOT`: inspect and maintain a target cache.
+
+ROOT is a directory or an fsspec URL (s3://bucket/prefix; credentials from the
+environment). `verify --repair` quarantines damaged shards (salvaging their
+readable records) and rewrites damaged or missing index runs; `compact` seals
+shards dead writers left open and merges index runs. Neither touches the files
+of a writer another process holds (docs/cache-format.md).
+"""
 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["stats", "verify", "compact", "export"])
-    p.add_argument("root", type=Path, help="cache directory (holds one folder per namespace)")
+    p.add_argument("root", help="cache directory or URL (holds one folder per namespace)")
     p.add_argument("--namespace", default=None, help="only this namespace (directory name)")
+    p.add_argument("--repair", action="store_true",
+                   help="verify: quarantine damaged shards and rewrite damaged index runs")
     p.add_argument("--out", type=Path, default=None, help="export: output .safetensors file")
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from logitcast.cache import CacheReader, CacheWriter, list_namespaces
+    from logitcast.cache import CacheReader, list_namespaces, open_storage
+    from logitcast.cache.maintenance import compact, verify
 
-    namespaces = [ns for ns in list_namespaces(args.root)
-                  if args.namespace in (None, ns.name)]
+    storage = open_storage(args.root)
+    namespaces = [ns for ns in list_namespaces(storage) if args.namespace in (None, ns.name)]
     if not namespaces:
-        raise SystemExit(f"no cache namespaces under {args.root}")
+        raise SystemExit(f"no cache namespaces in {storage.url}")
     status = 0
     for ns in namespaces:
-        reader = CacheReader(args.root, ns)
-        files = reader.storage.list(ns.name)
         if args.action == "stats":
-            size = sum(reader.storage.size(f"{ns.name}/{f}") for f in files)
+            reader = CacheReader(storage, ns)
+            files = storage.list(ns.name)
+            size = sum(storage.size(f"{ns.name}/{f}") for f in files
+                       if f.endswith((".shard", ".open", ".index")))
             print(f"{ns.name}: teacher {ns.teacher_id}, spec {ns.spec.key()}, documents "
                   f"{ns.document_mode}: {len(reader)} records, "
                   f"{sum(f.endswith('.shard') for f in files)} sealed + "
-                  f"{sum(f.endswith('.open') for f in files)} open shards, {size / 1e6:.1f} MB")
+                  f"{sum(f.endswith('.open') for f in files)} open shards, "
+                  f"{sum(f.endswith('.index') for f in files)} index runs, {size / 1e6:.1f} MB")
+            reader.close()
         elif args.action == "verify":
-            problems = reader.verify(
-                lambda keys, name=ns.name: tqdm(keys, desc=f"verify {name}", unit="rec", leave=False))
+            problems = verify(storage, ns, repair=args.repair, progress=lambda xs, name=ns.name:
+                              tqdm(xs, desc=f"verify {name}", unit="shard", leave=False))
             for line in problems:
                 print(f"BAD {line}")
-            print(f"{ns.name}: {len(reader)} records, {len(problems)} problems")
-            status |= bool(problems)
+            print(f"{ns.name}: {len(problems)} problems" + (", repaired" if args.repair and
+                                                           problems else ""))
+            status |= bool(problems) and not args.repair
         elif args.action == "compact":
-            old = [f for f in files if f.endswith((".shard", ".index", ".open"))]
-            writer_id = f"compact{int(time.time())}"
-            kept = 0
-            # rewrite every readable record once into fresh shards, dropping damaged ones
-            with CacheWriter(args.root, ns, writer_id=writer_id, skip_existing=False) as writer:
-                for key in tqdm(reader.keys(), desc=f"compact {ns.name}", unit="rec"):
-                    try:
-                        payload = reader.get(key)
-                    except ValueError as exc:
-                        print(f"dropped {exc}")
-                        continue
-                    kept += writer.put(key, payload)
-            for f in old:
-                reader.storage.remove(f"{ns.name}/{f}")
-            print(f"{ns.name}: {kept} records in fresh shards; removed {len(old)} old files")
+            done = compact(storage, ns)
+            print(f"{ns.name}: sealed {done['sealed']} open shards of dead writers; merged "
+                  f"{done['merged']} index runs into one of {done['entries']} entries; "
+                  f"{done['skipped_live']} live writers left alone")
         else:
+            reader = CacheReader(storage, ns)
             _export(reader, args.out or Path(f"{ns.name}.safetensors"))
+            reader.close()
     return status
 
 
@@ -73,7 +77,7 @@ def _export(reader, out: Path) -> None:
     keys, parts = [], []
     for key, payload in tqdm(reader.scan(), total=len(reader), desc="export", unit="rec"):
         keys.append(torch.frombuffer(bytearray(key), dtype=torch.uint8))
-        parts.append(decode(payload))
+        parts.append(decode(bytes(payload)))
     t = SparseTargets.cat(parts)
     offsets = torch.tensor([0] + [len(p) for p in parts]).cumsum(0)
     save_file({"keys": torch.stack(keys), "row_offsets": offsets, "ids": t.ids,

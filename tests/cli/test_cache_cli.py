@@ -32,8 +32,12 @@ def test_stats_verify_compact_export(tmp_path, capsys):
     shard.write_bytes(bytes(data))
     assert main(["cache", "verify", str(tmp_path)]) == 1
     assert f"BAD {NS.name}/{shard.name} offset" in capsys.readouterr().out
+    assert main(["cache", "verify", "--repair", str(tmp_path)]) == 0
+    assert (tmp_path / NS.name / "quarantine" / shard.name).exists()
+    assert main(["cache", "verify", str(tmp_path)]) == 0
     assert main(["cache", "compact", str(tmp_path)]) == 0
-    assert CacheReader(tmp_path, NS).verify() == []
+    assert "merged" in capsys.readouterr().out
+    assert main(["cache", "verify", str(tmp_path)]) == 0
     assert len(CacheReader(tmp_path, NS)) == 19
     out = tmp_path / "x.safetensors"
     assert main(["cache", "export", str(tmp_path), "--out", str(out)]) == 0
