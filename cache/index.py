@@ -24,7 +24,11 @@ point at a record whose own key and CRC then fail: never a wrong payload.
 
 from __future__ import annotations
 
+import bisect
+import mmap
+import os
 import struct
+import sys
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +42,7 @@ RUN_VERSION = 2
 _HEAD = struct.Struct("<4sIQII")
 _FOOT = struct.Struct("<I4s")
 _ENTRY_BYTES = 8 + 8 + 8 + 4 + 4
+_NATIVE_LE = sys.byteorder == "little"
 
 
 class IndexCorruptError(ValueError):
@@ -105,9 +110,11 @@ class Run:
         the covered names (the namespace directory)."""
         self.name = name
         if isinstance(buf, (str, Path)):
-            buf = np.memmap(buf, dtype=np.uint8, mode="r") if Path(buf).stat().st_size else b""
+            with open(buf, "rb") as f:
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) \
+                    if os.fstat(f.fileno()).st_size else b""
         self._buf = buf
-        mv = memoryview(buf).cast("B") if not isinstance(buf, np.ndarray) else buf
+        mv = memoryview(buf).cast("B")
         size = len(mv)
         if size < _HEAD.size + _FOOT.size:
             raise IndexCorruptError(f"{name}: shorter than an index header")
@@ -129,13 +136,17 @@ class Run:
             raise IndexCorruptError(f"{name}: shard table is not a list of names")
         self.shards = [f"{shard_prefix}{n}" for n in names]
         self.count = count
-        arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
+        arr = np.frombuffer(buf, dtype=np.uint8)
         at = body
-        cols = []
+        cols, views = [], []
         for dtype, width in (("<u8", 8), ("<u8", 8), ("<u8", 8), ("<u4", 4), ("<u4", 4)):
             cols.append(arr[at:at + count * width].view(dtype))
+            # scalar lookups through memoryviews give Python ints without numpy overhead
+            views.append(mv[at:at + count * width].cast("Q" if width == 8 else "I")
+                         if _NATIVE_LE else cols[-1])
             at += count * width
         self.hi, self.lo, self.offset, self.length, self.shard = cols
+        self._views = views
         self._body = (body, at)
         self._pad = (names_end, body)
         self._arr = arr
@@ -156,14 +167,14 @@ class Run:
 
     def find(self, hi: int, lo: int) -> tuple[str, int, int] | None:
         """(shard, offset, length) of the key, or None."""
-        h = np.uint64(hi)
-        i = int(np.searchsorted(self.hi, h))
-        while i < self.count and self.hi[i] == h:
-            if self.lo[i] == lo:
-                s = int(self.shard[i])
+        his, los, offsets, lengths, shards = self._views
+        i = bisect.bisect_left(his, hi)
+        while i < self.count and his[i] == hi:
+            if los[i] == lo:
+                s = int(shards[i])
                 if s >= len(self.shards):
                     return None  # a damaged entry: treated as absent
-                return self.shards[s], int(self.offset[i]), int(self.length[i])
+                return self.shards[s], int(offsets[i]), int(lengths[i])
             i += 1
         return None
 
@@ -192,7 +203,13 @@ class Run:
 
     def close(self) -> None:
         self.hi = self.lo = self.offset = self.length = self.shard = None
-        self._arr = self._buf = None
+        self._arr = self._views = None
+        if isinstance(self._buf, mmap.mmap):
+            try:
+                self._buf.close()
+            except BufferError:  # views handed out (columns()) still use it: let gc do it
+                pass
+        self._buf = None
 
 
 def merge_runs(runs: list[Run], shard_prefix: str = "") -> tuple[list[str], Columns]:

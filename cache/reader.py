@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from logitcast.cache.index import Columns, IndexCorruptError, Run, encode_run, split_key
+from logitcast.cache.index import Columns, IndexCorruptError, Run, encode_run
 from logitcast.cache.namespace import CacheNamespace
 from logitcast.cache.records import (
     CRC,
@@ -186,20 +186,23 @@ class CacheReader:
         with self._lock:
             self._open[name] = (end, seen)
 
-    def locations(self, key: bytes) -> list[Location]:
-        """Every place `key` is indexed, runs first (largest first), then open shards."""
-        hi, lo = split_key(key)
-        out = []
-        with self._lock:
-            runs, opens = self._runs, list(self._open.values())
-        for run in runs:
+    def _where(self, key: bytes) -> Iterator[tuple[str, int, int]]:
+        """(shard, offset, length) of every place `key` is indexed, lazily: runs first
+        (largest first), then open shards. Reads attributes refresh() swaps atomically."""
+        hi, lo = int.from_bytes(key[:8], "big"), int.from_bytes(key[8:16], "big")
+        for run in self._runs:
             found = run.find(hi, lo)
             if found is not None:
-                out.append(Location(*found))
-        for _, seen in opens:
-            if key in seen:
-                out.append(seen[key])
-        return out
+                yield found
+        if self._open:
+            for _, seen in list(self._open.values()):
+                loc = seen.get(key)
+                if loc is not None:
+                    yield loc.shard, loc.offset, loc.length
+
+    def locations(self, key: bytes) -> list[Location]:
+        """Every place `key` is indexed, in the order `get` tries them."""
+        return [Location(*where) for where in self._where(key)]
 
     def contains(self, key: bytes, refresh_s: float | None = None) -> bool:
         """Whether `key` is indexed; if not and `refresh_s` has passed since the last
@@ -239,19 +242,18 @@ class CacheReader:
         shard and offset) if every stored copy is damaged."""
         for attempt in range(2):
             damaged, missing = None, False
-            for loc in self.locations(key):
+            for shard, offset, length in self._where(key):
                 try:
-                    data = self._read(loc)
+                    data = self._read(shard, offset, length)
                 except FileNotFoundError:
                     missing = True
                     continue
-                except (OSError, ValueError) as exc:  # e.g. a damaged index entry's offset
+                except (OSError, ValueError, OverflowError) as exc:  # a damaged entry
                     damaged = damaged or CacheCorruptError(
-                        f"{loc.shard} offset {loc.offset}: unreadable: {exc}", loc.shard,
-                        loc.offset)
+                        f"{shard} offset {offset}: unreadable: {exc}", shard, offset)
                     continue
                 try:
-                    return bytes(check_record(data, loc.shard, loc.offset, key))
+                    return bytes(check_record(data, shard, offset, key))
                 except CacheCorruptError as exc:
                     damaged = damaged or exc
             if damaged is not None:
@@ -261,31 +263,31 @@ class CacheReader:
             self.refresh()  # a shard was sealed or compacted away: look again
         return None
 
-    def _read(self, loc: Location):
-        if not self.readahead_bytes or loc.length >= self.readahead_bytes:
-            return self.storage.read(loc.shard, loc.offset, loc.length)
+    def _read(self, shard: str, offset: int, length: int):
+        if not self.readahead_bytes or length >= self.readahead_bytes:
+            return self.storage.read(shard, offset, length)
         blocks = getattr(self._local, "blocks", None)
         if blocks is None:
             blocks = self._local.blocks = OrderedDict()
             self._local.expected = {}
-        block = blocks.get(loc.shard)
+        block = blocks.get(shard)
         if block is not None:
-            got = block.take(loc.offset, loc.length)
+            got = block.take(offset, length)
             if got is not None:
-                blocks.move_to_end(loc.shard)
+                blocks.move_to_end(shard)
                 return got
-        at, streak = self._local.expected.get(loc.shard, (-1, 0))
-        streak = streak + 1 if at == loc.offset else 0
-        self._local.expected[loc.shard] = (loc.offset + loc.length, streak)
+        at, streak = self._local.expected.get(shard, (-1, 0))
+        streak = streak + 1 if at == offset else 0
+        self._local.expected[shard] = (offset + length, streak)
         if streak < 2:  # random access (or not yet three in a row): read just the record
-            return self.storage.read(loc.shard, loc.offset, loc.length)
-        blocks[loc.shard] = block = _Block(
-            loc.offset, self.storage.read(loc.shard, loc.offset, self.readahead_bytes),
-            lambda at, shard=loc.shard: self._prefetch(shard, at))
+            return self.storage.read(shard, offset, length)
+        blocks[shard] = block = _Block(
+            offset, self.storage.read(shard, offset, self.readahead_bytes),
+            lambda at, shard=shard: self._prefetch(shard, at))
         while len(blocks) > self.readahead_shards:
             blocks.popitem(last=False)
-        got = block.take(loc.offset, loc.length)
-        return got if got is not None else self.storage.read(loc.shard, loc.offset, loc.length)
+        got = block.take(offset, length)
+        return got if got is not None else self.storage.read(shard, offset, length)
 
     def _prefetch(self, shard: str, offset: int, length: int = 0) -> Future:
         if self._pool is None:

@@ -98,7 +98,14 @@ def record_problem(data, off: int, end: int) -> tuple[str | None, bytes, int]:
 def check_record(data, shard: str, offset: int, key: bytes) -> memoryview:
     """The payload of the one record in `data` (read from `shard` at `offset`), after
     checking magic, length, key and CRC; CacheCorruptError otherwise."""
-    problem, found, total = record_problem(data, 0, len(data))
+    n = len(data)
+    if n >= REC_HEAD.size + CRC.size:  # the common case, checked without building a message
+        magic, length, found = REC_HEAD.unpack_from(data)
+        view = memoryview(data)
+        if magic == RECORD_MAGIC and found == key and n == REC_HEAD.size + length + CRC.size \
+                and zlib.crc32(view[4:n - CRC.size]) == CRC.unpack_from(data, n - CRC.size)[0]:
+            return view[REC_HEAD.size:n - CRC.size]
+    problem, found, total = record_problem(data, 0, n)
     if problem is None and (found != key or total != len(data)):
         problem = "record is not the one indexed for this key"
     if problem is not None:

@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
@@ -59,6 +60,7 @@ class Storage(Protocol):
     def staging_dir(self, directory: str) -> Path: ...
     def lock(self, name: str, owner: str) -> Lock: ...
 
+MAX_OPEN_FILES = 64  # descriptors a LocalStorage keeps open for reads, per thread
 
 def open_storage(root: str | Path | Storage, **kw) -> Storage:
     """A Storage as is; "scheme://..." (other than file://) -> FsspecStorage; else LocalStorage."""
@@ -107,6 +109,18 @@ def _tmp_name(path: Path) -> Path:
 # ----------------------------------------------------------------------------- local disk
 
 
+class _Descriptors(OrderedDict):
+    """One thread's open read descriptors; closed when dropped (also at thread exit)."""
+
+    def close(self) -> None:
+        while self:
+            with contextlib.suppress(OSError):
+                os.close(self.popitem()[1])
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class LocalStorage:
     """Storage on a local directory (created on first write)."""
 
@@ -124,6 +138,8 @@ class LocalStorage:
         self.root = Path(root).expanduser()
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"storage root {self.url} is not a directory")
+        self._local = threading.local()  # per thread: descriptors kept open for reads
+        self._generation = 0
 
     def path(self, name: str) -> Path:
         return self.root / _check_name(name)
@@ -137,9 +153,41 @@ class LocalStorage:
         return self.path(name).exists()
 
     def read(self, name: str, offset: int = 0, length: int = -1) -> bytes:
-        with open(self.path(name), "rb") as f:
-            f.seek(offset)
-            return f.read(length)
+        """pread on a descriptor this thread keeps open (its `MAX_OPEN_FILES` last opened),
+        so a random record read is one system call. Any write, publish or remove through
+        this storage makes every thread reopen; a file another process renamed or
+        removed meanwhile still reads its bytes."""
+        if offset < 0:
+            raise ValueError(f"negative offset {offset} reading {name!r}")
+        fd = self._fd(name)
+        if length < 0:
+            length = max(0, os.fstat(fd).st_size - offset)
+        return os.pread(fd, length, offset)
+
+    def _fd(self, name: str) -> int:
+        fds = getattr(self._local, "fds", None)
+        if fds is None or self._local.generation != self._generation:
+            self._close_local()
+            fds = self._local.fds = _Descriptors()
+            self._local.generation = self._generation
+        fd = fds.get(name)
+        if fd is None:
+            fd = fds[name] = os.open(self.path(name), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            while len(fds) > MAX_OPEN_FILES:
+                os.close(fds.popitem(last=False)[1])
+        return fd
+
+    def _close_local(self) -> None:
+        fds = getattr(self._local, "fds", None)
+        if fds is not None:
+            fds.close()
+
+    def _forget(self, name: str) -> None:
+        self._generation += 1
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._close_local()
 
     def size(self, name: str) -> int:
         return self.path(name).stat().st_size
@@ -156,6 +204,7 @@ class LocalStorage:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        self._forget(name)
         _sync_dir(path.parent)
 
     def publish_file(self, local_path: str | Path, name: str) -> None:
@@ -163,9 +212,11 @@ class LocalStorage:
         path = self.path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(local_path, path)
+        self._forget(name)
         _sync_dir(path.parent)
 
     def remove(self, name: str) -> None:
+        self._forget(name)
         self.path(name).unlink(missing_ok=True)
 
     def local_path(self, name: str) -> Path:
