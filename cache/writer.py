@@ -50,9 +50,9 @@ class CacheWriter:
                  skip_existing: bool = True, merge_fanout: int = 8) -> None:
         """writer_id: [A-Za-z0-9_]{1,64}; default unique per process (host, pid, random).
         Pass a stable id to resume an object-store writer's staged shard after a crash.
-        skip_existing: `put` ignores keys any writer already stored in the namespace
-        (checked against the on-disk index, refreshed every `put` that misses it at most
-        once a second). merge_fanout: runs of one size tier merged at once (>= 2)."""
+        skip_existing: `put` ignores keys already stored in the namespace: in this
+        writer's open shard or any sealed shard (the on-disk index, refreshed after each
+        seal and at most once a second on a miss). merge_fanout: runs of one size tier merged at once (>= 2)."""
         if shard_bytes < 64:
             raise ValueError(f"shard_bytes must be >= 64, got {shard_bytes}")
         if merge_fanout < 2:
@@ -69,7 +69,10 @@ class CacheWriter:
             self._staging = Path(self.storage.staging_dir(self.dir))
             self._staging.mkdir(parents=True, exist_ok=True)
             from logitcast.cache.reader import CacheReader
-            self._reader = CacheReader(self.storage, namespace) if skip_existing else None
+            # dedupe against sealed runs and our own open shard; other writers' open shards
+            # are not tailed (a rare duplicate is harmless, tailing them is not free)
+            self._reader = (CacheReader(self.storage, namespace, tail_open=False)
+                            if skip_existing else None)
             self._seq = self._last_seq()
             self._file = None
             self._open: dict[bytes, tuple[int, int]] = {}
