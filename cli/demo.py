@@ -62,14 +62,15 @@ def _train(name: str, overrides: dict, base: dict):
 
 def _namespace_bytes_per_token(cache: Path, spec: dict, seq_len: int) -> float:
     """Disk bytes per position of the namespace holding `spec` (one record per row)."""
-    from logitcast.cache import CacheReader
-    from logitcast.cache.store import list_namespaces
+    from logitcast.cache import CacheReader, list_namespaces, open_storage
     from logitcast.ops import TargetSpec
 
     want = TargetSpec.from_dict(spec)
-    for ns in list_namespaces(cache):
+    for ns in list_namespaces(open_storage(cache)):
         if ns.spec == want:
-            positions = len(CacheReader(cache, ns).keys()) * seq_len
+            reader = CacheReader(cache, ns)
+            positions = len(reader) * seq_len
+            reader.close()
             size = sum(f.stat().st_size for f in (cache / ns.name).rglob("*") if f.is_file())
             return size / max(positions, 1)
     return float("nan")

@@ -31,8 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="tee every target into this cache (one writer per replica)")
+    p.add_argument("--cache-dir", default=None,
+                   help="tee every target into this cache, a directory or an fsspec URL "
+                        "(one writer per replica)")
     p.add_argument("--metrics-sd-dir", type=Path, default=None,
                    help="register each replica's /metrics here for Prometheus file_sd")
     p.add_argument("--metrics-host", default="127.0.0.1")
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         gpus = 1.0 if torch.cuda.is_available() and args.device != "cpu" else 0.0
     replica = {"model": args.model, "dtype": args.dtype, "device": args.device,
                "threads": args.threads if gpus == 0 else 0,
-               "cache_dir": str(args.cache_dir) if args.cache_dir else None,
+               "cache_dir": args.cache_dir,
                "metrics_sd_dir": str(args.metrics_sd_dir) if args.metrics_sd_dir else None,
                "metrics_host": args.metrics_host}
     fleet = LocalFleet.up(replica, replicas=args.replicas, autoscale=autoscale,

@@ -46,17 +46,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", type=Path, default=None)
     p.add_argument("--tls-key", type=Path, default=None)
     p.add_argument("--drain-grace-s", type=float, default=30.0)
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="tee every served target into this cache directory")
+    p.add_argument("--cache-dir", default=None,
+                   help="tee every served target into this cache: a directory or an fsspec URL "
+                        "(s3://bucket/prefix)")
     p.add_argument("--metrics-sd-dir", type=Path, default=None,
                    help="register /metrics for Prometheus file_sd discovery in this directory")
-    p.add_argument("--replica-id", default="r0",
-                   help="this server's cache writer id (unique per replica sharing a cache)")
+    p.add_argument("--replica-id", default=None,
+                   help="this server's cache writer id, [A-Za-z0-9_]{1,64}, unique per server "
+                        "sharing a cache (default: unique per process)")
 
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from logitcast.cache import WriterIdInUseError
+    from logitcast.cache.records import check_writer_id
     from logitcast.ops import METHODS
     from logitcast.server.app import TeacherServer, TLSConfig, serve_until_signal
     from logitcast.server.backends import load_backend
@@ -85,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
                                max_full_vocab=args.max_full_vocab)
     except ValueError as exc:
         raise SystemExit(f"logitcast serve: {exc}") from exc
+    if args.replica_id is not None:
+        try:
+            check_writer_id(args.replica_id)
+        except ValueError as exc:
+            raise SystemExit(f"logitcast serve: --replica-id: {exc}") from exc
     backend = load_backend(args.model, dtype=args.dtype, device=args.device)
 
     async def main() -> None:
@@ -96,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
             metrics_sd_dir=args.metrics_sd_dir)
         await serve_until_signal(server, grace_s=args.drain_grace_s)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except WriterIdInUseError as exc:  # another live server tees into --cache-dir as this id
+        raise SystemExit(f"logitcast serve: {exc}; give each server sharing --cache-dir its own "
+                         "--replica-id, or none for a unique one") from exc
     return 0
 
 

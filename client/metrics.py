@@ -18,6 +18,10 @@ class ClientMetrics:
                                   registry=r)
         self.cache_misses = Counter("logitcast_client_cache_misses",
                                     "Rows fetched from the fleet", registry=r)
+        self.cache_corrupt_records = Counter(
+            "logitcast_client_cache_corrupt_records",
+            "Damaged cache records treated as misses (online: fetched again; offline: "
+            "skipped when asked)", registry=r)
         self.retries = Counter("logitcast_client_retries", "Fetch attempts retried, by status",
                                ["code"], registry=r)
         self.received_bytes = Counter("logitcast_client_received_bytes",

@@ -180,14 +180,16 @@ class TeacherClient:
         tls_root_certs: bytes | None = None,
         metrics: ClientMetrics | None = None,
         write_cache: bool = True,
-        writer_id: str = "client0",
+        writer_id: str | None = None,
         application: str | None = None,
         allow_insecure_auth: bool = False,
     ) -> None:
-        """cache: None, an object with get/put (e.g. MemoryTargetCache), or a cache
-        directory. write_cache: also store fetched misses (single-machine setups; turn
-        it off when the servers tee into the same cache). writer_id: this client's cache
-        writer id, unique per rank. application: the Ray Serve application name, sent as
+        """cache: None, an object with get/put (e.g. MemoryTargetCache), or a cache root
+        (a directory or an fsspec URL); a damaged record there is a miss, fetched again,
+        re-written when write_cache, and counted in `metrics.cache_corrupt_records`.
+        write_cache: also store fetched misses (single-machine setups; turn it off when
+        the servers tee into the same cache). writer_id: this client's cache writer id
+        (None: unique per process). application: the Ray Serve application name, sent as
         `application` metadata when the addresses are Ray Serve gRPC proxies.
         allow_insecure_auth: send `auth_token` without TLS to addresses off this machine
         (refused by default; loopback and unix sockets are always allowed)."""
@@ -303,7 +305,8 @@ class TeacherClient:
                                     tokenizer_fingerprint=self.tokenizer_fingerprint,
                                     spec=self.spec, document_mode=document_mode)
                 self._disk_caches[document_mode] = TargetCache(
-                    self.cache, ns, writer_id=self.writer_id if self.write_cache else None)
+                    self.cache, ns, writable=self.write_cache, writer_id=self.writer_id,
+                    on_corrupt=lambda exc: self.metrics.cache_corrupt_records.inc())
             return self._disk_caches[document_mode]
 
     def _fetch_rows(self, batch: PackedBatch, rows: list[int]) -> list[bytes]:

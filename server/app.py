@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from logitcast.cache import default_writer_id
 from logitcast.ops import METHODS
 from logitcast.protos import teacher_pb2 as pb
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
@@ -152,16 +153,21 @@ class TeacherServer:
         auth_token: str | None = None,
         tls: TLSConfig | None = None,
         cache_dir: str | Path | None = None,
-        replica_id: str = "r0",
+        replica_id: str | None = None,
         metrics_sd_dir: str | Path | None = None,
         metrics_host: str | None = None,
     ) -> TeacherServer:
-        """cache_dir: tee every served target into this cache (as writer `replica_id`).
+        """cache_dir: tee every served target into this cache, a directory or an fsspec
+        URL, as writer `replica_id` ([A-Za-z0-9_]{1,64}; None: unique per process). A live
+        server holding that id on that cache already: WriterIdInUseError, before serving.
         metrics_host: the interface /metrics binds to (None: `host`), e.g. 127.0.0.1 to
         keep it off the network while gRPC listens on 0.0.0.0.
         metrics_sd_dir: register the /metrics endpoint (at the host it is bound to) there
         for Prometheus file_sd."""
         self = object.__new__(cls)
+        if replica_id is None:
+            replica_id = default_writer_id("r")
+        self.replica_id = replica_id
         self.limits = limits or RequestLimits()
         self.metrics = TeacherMetrics()
         self.engine, servicer = build_core(backend, engine_config=engine_config,
@@ -204,8 +210,9 @@ class TeacherServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.serving.set(1)
-        logger.info("serving %s on %s (vocab %d, metrics port %s)", backend.teacher_id,
-                    self.address, backend.vocab_size, self.metrics_port)
+        logger.info("serving %s on %s as replica %s (vocab %d, metrics port %s)",
+                    backend.teacher_id, self.address, replica_id, backend.vocab_size,
+                    self.metrics_port)
         return self
 
     def _unhealthy(self, reason: str) -> None:

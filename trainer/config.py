@@ -25,6 +25,7 @@ from typing import Any
 
 from logitcast.client.packing import PackingConfig
 from logitcast.ops import KD_LOSSES, TargetSpec
+from logitcast.ops.kd_terms import HEAD_LOSSES
 from logitcast.ops.schedules import ALPHA_SCHEDULES, LR_SCHEDULES, alpha_at, lr_at
 
 
@@ -79,6 +80,10 @@ class TeacherConfig:
     write_cache, store misses into) this cache."""
     write_cache: bool = False
     """online: store fetched targets into cache_dir (off when the servers tee into it)."""
+    cache_on_corrupt: str = "error"
+    """cache: a damaged record is an error (error) or leaves its row without targets
+    (skip; counted in logitcast_client_cache_corrupt_records_total). Online, a damaged
+    record is always fetched from the teacher again."""
     teacher_id: str | None = None
     """Expected teacher id; cache: picks the namespace when the cache holds several."""
     spec: dict[str, Any] = field(default_factory=lambda: {"method": "sample", "unique": 12.0})
@@ -106,6 +111,9 @@ class TeacherConfig:
             raise ConfigError("teacher.cache_dir is required when teacher.source is cache")
         if self.write_cache and not self.cache_dir:
             raise ConfigError("teacher.write_cache needs teacher.cache_dir")
+        if self.cache_on_corrupt not in ("error", "skip"):
+            raise ConfigError(f"teacher.cache_on_corrupt must be error or skip, "
+                              f"got {self.cache_on_corrupt!r}")
         if self.prefetch < 1:
             raise ConfigError(f"teacher.prefetch must be >= 1, got {self.prefetch}")
         self.target_spec()
@@ -343,6 +351,9 @@ class TrainConfig:
         stage = ds.get("zero_optimization", {}).get("stage", 0)
         if stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_optimization.stage must be 0-3, got {stage!r}")
+        if self.teacher.cache_on_corrupt == "skip" and self.loss.kd in HEAD_LOSSES:
+            raise ConfigError(f"teacher.cache_on_corrupt=skip leaves rows without head entries, "
+                              f"which loss.kd={self.loss.kd} needs at every position")
         if self.eval.source == "same" and self.teacher.source == "none":
             self.eval.source = "none"
 

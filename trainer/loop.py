@@ -119,7 +119,8 @@ class Trainer:
         t = c.teacher
         common = {"tokenizer_fingerprint": self.fingerprint, "vocab_size": self.vocab,
                   "document_mode": d.mode == "documents", "addresses": t.addresses,
-                  "cache_dir": t.cache_dir, "teacher_id": t.teacher_id,
+                  "cache_dir": t.cache_dir, "cache_on_corrupt": t.cache_on_corrupt,
+                  "teacher_id": t.teacher_id,
                   "auth_token": t.auth_token, "allow_insecure_auth": t.allow_insecure_auth,
                   "application": t.application,
                   "rank": self.rank, "device": str(self.device)}

@@ -38,3 +38,33 @@ def test_serve_answers_then_drains_and_exits_cleanly_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "logitcast.cli.main", "serve", "--model", "tiny",
+                           "--port", str(free_port()), *args], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ))
+
+
+@pytest.mark.slow
+def test_a_second_server_with_the_same_replica_id_and_cache_exits_at_startup(tmp_path):
+    from logitcast.cli.serve import start_server_process
+
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--replica-id", "r0", "--drain-grace-s", "5"]
+    first, _, _ = start_server_process(["--model", "tiny", *cache], tmp_path / "first.log")
+    try:
+        second = serve(*cache)
+        assert second.returncode == 1
+        assert "logitcast serve: cache writer id 'r0' is in use" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+
+
+@pytest.mark.slow
+def test_a_replica_id_that_is_not_a_cache_writer_id_is_refused(tmp_path):
+    bad = serve("--cache-dir", str(tmp_path / "cache"), "--replica-id", "r-0")
+    assert bad.returncode == 1
+    assert "logitcast serve: --replica-id: writer_id must be" in bad.stderr
+    assert "Traceback" not in bad.stderr

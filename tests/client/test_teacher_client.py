@@ -7,6 +7,7 @@ import sys
 import grpc
 import pytest
 
+from logitcast.cache import CacheCorruptError, CacheNamespace, CacheReader
 from logitcast.client.dataset import DistillDataset
 from logitcast.client.packing import Packer, PackingConfig
 from logitcast.client.teacher_client import (
@@ -17,8 +18,9 @@ from logitcast.client.teacher_client import (
 )
 from logitcast.ops import TargetSpec
 from logitcast.ops.codec import encode
+from logitcast.ops.rowkey import row_key
 from logitcast.server.backends import TransformersBackend
-from tests.client.conftest import write_corpus
+from tests.client.conftest import damage_record, write_corpus
 from tests.server.conftest import ServerThread
 
 SPEC = TargetSpec(method="sample", unique=8.0)
@@ -60,6 +62,36 @@ def test_cache_serves_repeated_rows_without_the_teacher(served, corpus, tiny_bac
         assert [a.cache_hits for a in again] == [2, 2, 2]
         assert [encode(a.targets) for a in again] == [encode(f) for f in first]
         assert len(cache) == 6
+
+
+def test_a_damaged_disk_record_is_fetched_again_counted_and_rewritten(
+        served, corpus, tiny_backend, tmp_path):
+    root = tmp_path / "cache"
+    ns = CacheNamespace(teacher_id=tiny_backend.teacher_id,
+                        tokenizer_fingerprint=tiny_backend.tokenizer_fingerprint, spec=SPEC)
+    batch = Packer(corpus, PackingConfig(seq_len=32, global_batch=2)).batch(0)
+    with client_for([served.address], tiny_backend, cache=str(root)) as client:
+        clean = client.fetch(batch).targets
+    key = row_key(batch.input_ids[0])
+    stored = read_back(root, ns, key)
+    damage_record(root, ns, key)
+    with pytest.raises(CacheCorruptError):
+        read_back(root, ns, key)
+
+    with client_for([served.address], tiny_backend, cache=str(root)) as client:
+        got = client.fetch(batch)
+        assert encode(got.targets) == encode(clean)
+        assert got.cache_hits == 1
+        assert client.metrics.cache_corrupt_records._value.get() == 1
+    assert read_back(root, ns, key) == stored  # the re-written copy, past the damaged one
+
+
+def read_back(root, ns, key):
+    reader = CacheReader(root, ns)
+    try:
+        return reader.get(key)
+    finally:
+        reader.close()
 
 
 def test_dataset_yields_aligned_steps(served, corpus, tiny_backend):

@@ -146,7 +146,7 @@ def test_metrics_bind_to_the_metrics_host_and_register_it(tiny_backend, tmp_path
         socket.create_connection(("127.0.0.2", s.server.port), timeout=5).close()
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.2", port), timeout=5)
-        [entry] = json.loads((tmp_path / "teacher-r0.json").read_text())
+        [entry] = json.loads((tmp_path / f"teacher-{s.server.replica_id}.json").read_text())
         assert entry["targets"] == [f"127.0.0.1:{port}"]
     finally:
         s.close()
@@ -163,7 +163,8 @@ def test_serve_binds_metrics_to_metrics_host(tmp_path):
          "--metrics-host", "127.0.0.1", "--metrics-sd-dir", str(tmp_path)],
         tmp_path / "serve.log", timeout_s=120)
     try:
-        [entry] = json.loads((tmp_path / "teacher-r0.json").read_text())
+        [registered] = tmp_path.glob("teacher-*.json")  # named after the unique replica id
+        [entry] = json.loads(registered.read_text())
         assert entry["targets"] == [f"127.0.0.1:{port}"]
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         assert b"logitcast_teacher_" in text

@@ -42,6 +42,7 @@ def test_unknown_key_names_its_dotted_path_and_the_valid_keys(tmp_path):
     ("teacher.source=online", "teacher.addresses is empty"),
     ("teacher.source=cache", "teacher.cache_dir is required"),
     ("teacher.spec={method: magic}", "teacher.spec"),
+    ("teacher.cache_on_corrupt=ignore", "teacher.cache_on_corrupt must be error or skip"),
     ("loss.kd=jsd", "loss.kd must be one of"),
     ("loss.alpha={name: wsd, peak: 1.5, warmup_steps: 1, decay_steps: 1}", "loss.alpha: peak"),
     ("optim.lr={name: cosine, peak: 1e-3, warmup_steps: 500}", "optim.lr: warmup_steps=500"),
@@ -57,6 +58,12 @@ def test_unknown_key_names_its_dotted_path_and_the_valid_keys(tmp_path):
 def test_bad_values_are_clear_config_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(None, [*BASE, override])
+
+
+def test_skipping_damaged_records_is_refused_for_losses_that_need_head_entries():
+    load_config(None, [*BASE, "teacher.cache_on_corrupt=skip", "loss.kd=kl"])
+    with pytest.raises(ConfigError, match="loss.kd=ghost needs at every position"):
+        load_config(None, [*BASE, "teacher.cache_on_corrupt=skip", "loss.kd=ghost"])
 
 
 def test_unreadable_and_malformed_files_are_config_errors(tmp_path):

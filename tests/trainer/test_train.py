@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from logitcast.cache import CacheReader, list_namespaces, open_storage
 from logitcast.trainer import Trainer, load_config, read_log
 from tests.trainer.conftest import run_config, torchrun
 
@@ -49,6 +50,27 @@ def test_two_ranks_online_then_from_cache_give_identical_losses(corpora, teacher
 def _in_process(corpora, out, teacher, **overrides):
     return load_config(None, run_config(corpora, out, **{
         "teacher.source": "online", "teacher.addresses": [teacher.address], **overrides}))
+
+
+def test_online_run_with_write_cache_stores_every_row_it_trained_on(corpora, teacher, tmp_path):
+    """The client writes the cache itself (no tee in front of this one), as a writer id
+    unique to this rank and process."""
+    cache = tmp_path / "client_cache"
+    with Trainer(_in_process(corpora, tmp_path / "run", teacher, steps=2, export=False, **{
+            "eval.every": 0, "teacher.cache_dir": str(cache), "teacher.write_cache": True})) as t:
+        t.run()
+    rows = {bytes.fromhex(k) for r in _losses(read_log(tmp_path / "run")) for k in r[4]}
+    assert len(rows) == 2 * 4
+    (ns,) = list_namespaces(open_storage(cache))
+    reader = CacheReader(cache, ns)
+    try:
+        assert all(reader.get(k) is not None for k in rows)
+        assert len(reader) == len(rows)
+    finally:
+        reader.close()
+    shards = list((cache / ns.name).glob("*.shard"))
+    assert shards
+    assert all(p.name.startswith("trainer_rank0_") for p in shards)
 
 
 def test_resumed_run_repeats_rows_targets_and_losses_exactly(corpora, teacher, tmp_path):
