@@ -122,12 +122,11 @@ class CacheWriter:
         return key in self._open or (self._reader is not None and key in self._reader)
 
     def put(self, key: bytes, payload: bytes, *, replace: bool = False) -> bool:
-        """Append one record; False if the key is already stored (unless `replace`:
-        used to re-write a key whose stored record was found damaged)."""
+        """Append one record; False if an intact copy of the key is already stored
+        (checked by reading it: duplicates are rare). `replace`: write regardless."""
         record = encode_record(key, payload)
         with self._lock:
-            if key in self._open or (not replace and self._reader is not None
-                                     and self._reader.contains(key, refresh_s=1.0)):
+            if key in self._open or (not replace and self._stored_intact(key)):
                 return False
             if self._file is None:  # a new shard appears with its header already in place
                 self._seq += 1
@@ -147,6 +146,17 @@ class CacheWriter:
             if self._size >= self.shard_bytes:
                 self._seal()
             return True
+
+    def _stored_intact(self, key: bytes) -> bool:
+        """Whether a sealed copy of `key` exists and passes its checks (a damaged one is
+        replaced: a tee heals records its clients found damaged by writing them again)."""
+        if self._reader is None or not self._reader.contains(key, refresh_s=1.0):
+            return False
+        try:
+            return self._reader.get(key) is not None
+        except CacheCorruptError:
+            logger.warning("re-writing a damaged stored record of key %s", key.hex())
+            return False
 
     def read_open(self, key: bytes) -> bytes | None:
         """The record bytes of `key` if it is in this writer's open shard (which an

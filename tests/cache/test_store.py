@@ -407,3 +407,17 @@ def test_object_store_round_trip_merge_compact_and_verify(s3_url):
     assert compact(s3_url, NS)["merged"] > 1
     assert verify(s3_url, NS) == []
     assert all(CacheReader(s3_url, NS).get(key(i)) == payload(i) for i in range(60))
+
+
+def test_a_writer_replaces_a_damaged_stored_record_instead_of_skipping_it(tmp_path):
+    with CacheWriter(tmp_path, NS, writer_id="w") as w:
+        for i in range(5):
+            w.put(key(i), payload(i))
+    shard = files(tmp_path, ".shard")[0]
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 1  # the last record's payload
+    shard.write_bytes(bytes(data))
+    with CacheWriter(tmp_path, NS, writer_id="tee") as tee:  # e.g. a server's cache tee
+        assert not tee.put(key(3), payload(3))  # intact: skipped
+        assert tee.put(key(4), payload(4))  # damaged: written again
+    assert CacheReader(tmp_path, NS).get(key(4)) == payload(4)
