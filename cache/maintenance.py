@@ -32,6 +32,7 @@ from logitcast.cache.index import Columns, IndexCorruptError, Run, encode_run, m
 from logitcast.cache.namespace import CacheNamespace
 from logitcast.cache.reader import CacheReader, load_run
 from logitcast.cache.records import (
+    COMPACT_ID,
     RECORD_MAGIC,
     RUN_NAME,
     SHARD_NAME,
@@ -46,7 +47,6 @@ from logitcast.cache.v1 import V1_INDEX_MAGIC
 from logitcast.cache.writer import CacheWriter
 
 logger = logging.getLogger(__name__)
-COMPACT_ID = "compact"
 QUARANTINE = "quarantine"
 
 

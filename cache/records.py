@@ -33,6 +33,7 @@ REC_HEAD = struct.Struct(f"<4sI{KEY_BYTES}s")
 CRC = struct.Struct("<I")
 MAX_PAYLOAD = 1 << 30
 MANIFEST = "manifest.json"
+COMPACT_ID = "compact"  # the writer id (lock and run names) of `logitcast cache compact`
 WRITER_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 SHARD_NAME = re.compile(r"(?P<writer>[A-Za-z0-9_]+)-(?P<seq>\d{6,})\.(?P<suffix>open|shard)")
 RUN_NAME = re.compile(r"(?P<writer>[A-Za-z0-9_]+)-(?P<first>\d{6,})(?:-(?P<last>\d{6,}))?\.index")

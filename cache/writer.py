@@ -24,7 +24,9 @@ import numpy as np
 
 from logitcast.cache.index import Columns, Run, encode_run, merge_runs
 from logitcast.cache.namespace import CacheNamespace
+from logitcast.cache.reader import CacheReader
 from logitcast.cache.records import (
+    COMPACT_ID,
     RUN_NAME,
     SHARD_HEADER,
     SHARD_NAME,
@@ -37,7 +39,7 @@ from logitcast.cache.records import (
     scan_records,
     shard_header,
 )
-from logitcast.cache.storage import Storage, open_storage
+from logitcast.cache.storage import Storage, WriterIdInUseError, open_storage
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +49,15 @@ class CacheWriter:
 
     def __init__(self, root: str | Path | Storage, namespace: CacheNamespace, *,
                  writer_id: str | None = None, shard_bytes: int = 256 << 20,
-                 skip_existing: bool = True, merge_fanout: int = 8) -> None:
+                 skip_existing: bool = True, merge_fanout: int = 8,
+                 adopt_orphans: bool = True) -> None:
         """writer_id: [A-Za-z0-9_]{1,64}; default unique per process (host, pid, random).
-        Pass a stable id to resume an object-store writer's staged shard after a crash.
         skip_existing: `put` ignores keys already stored in the namespace: in this
         writer's open shard or any sealed shard (the on-disk index, refreshed after each
-        seal and at most once a second on a miss). merge_fanout: runs of one size tier merged at once (>= 2)."""
+        seal and at most once a second on a miss). merge_fanout: runs of one size tier
+        merged at once (>= 2). On an object store, a new writer first seals the staged
+        shards of dead writers in the same staging directory (their ids' leases free), so
+        a crashed writer's records are published whatever id its successor uses."""
         if shard_bytes < 64:
             raise ValueError(f"shard_bytes must be >= 64, got {shard_bytes}")
         if merge_fanout < 2:
@@ -60,6 +65,8 @@ class CacheWriter:
         self.storage = open_storage(root)
         self.namespace, self.shard_bytes = namespace, shard_bytes
         self.writer_id = check_writer_id(default_writer_id() if writer_id is None else writer_id)
+        if self.writer_id == COMPACT_ID:
+            raise ValueError(f"writer_id {COMPACT_ID!r} is reserved for `logitcast cache compact`")
         self.merge_fanout = merge_fanout
         self.dir = open_namespace(self.storage, namespace, create=True)
         self._lease = self.storage.lock(f"{self.dir}/{self.writer_id}.lock",
@@ -68,7 +75,8 @@ class CacheWriter:
         try:
             self._staging = Path(self.storage.staging_dir(self.dir))
             self._staging.mkdir(parents=True, exist_ok=True)
-            from logitcast.cache.reader import CacheReader
+            if not self.storage.is_local and adopt_orphans:
+                self._seal_orphans()
             # dedupe against sealed runs and our own open shard; other writers' open shards
             # are not tailed (a rare duplicate is harmless, tailing them is not free)
             self._reader = (CacheReader(self.storage, namespace, tail_open=False)
@@ -83,6 +91,18 @@ class CacheWriter:
         except BaseException:
             self._lease.release()
             raise
+
+    def _seal_orphans(self) -> None:
+        orphans = {m["writer"] for m in map(SHARD_NAME.fullmatch, os.listdir(self._staging))
+                   if m and m["suffix"] == "open" and m["writer"] != self.writer_id}
+        for other in sorted(orphans):
+            try:
+                CacheWriter(self.storage, self.namespace, writer_id=other, skip_existing=False,
+                            shard_bytes=self.shard_bytes, adopt_orphans=False).close()
+                logger.warning("sealed the staged shard dead writer %s left in %s", other,
+                               self._staging)
+            except WriterIdInUseError:  # alive (or its lease not yet expired)
+                continue
 
     # --------------------------------------------------------------------- naming
 

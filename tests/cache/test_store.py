@@ -421,3 +421,23 @@ def test_a_writer_replaces_a_damaged_stored_record_instead_of_skipping_it(tmp_pa
         assert not tee.put(key(3), payload(3))  # intact: skipped
         assert tee.put(key(4), payload(4))  # damaged: written again
     assert CacheReader(tmp_path, NS).get(key(4)) == payload(4)
+
+
+def _named_writer_child(root, conn, writer_id):
+    w = CacheWriter(root, NS, writer_id=writer_id, shard_bytes=10**6)
+    for i in range(1000):
+        w.put(key(i), payload(i))
+        conn.send(i)
+
+
+def test_a_new_object_store_writer_publishes_a_dead_writers_staged_shard(s3_url):
+    parent, child = FORK.Pipe(duplex=False)
+    proc = FORK.Process(target=_named_writer_child, args=(s3_url, child, "crashed"))
+    proc.start()
+    acked = {parent.recv() for _ in range(15)}
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    assert CacheReader(s3_url, NS).get(key(0)) is None  # staged locally, not yet published
+    CacheWriter(s3_url, NS, writer_id="successor").close()  # another id: adopts the orphan
+    reader = CacheReader(s3_url, NS)
+    assert all(reader.get(key(i)) == payload(i) for i in acked)
