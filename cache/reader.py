@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -47,11 +47,19 @@ logger = logging.getLogger(__name__)
 
 
 class _Block:
-    """A readahead block of one shard, with the next block already being fetched."""
+    """A readahead block of one shard, with the next `depth` blocks already being fetched."""
 
-    def __init__(self, start: int, data: bytes, fetch) -> None:
-        self.start, self.data, self.fetch = start, data, fetch
-        self.nxt: Future | None = fetch(start + len(data)) if data else None
+    def __init__(self, start: int, data: bytes, fetch, size: int, depth: int) -> None:
+        self.start, self.data, self.fetch, self.size = start, data, fetch, size
+        self.ahead: deque[Future] = deque()
+        self._next_at = start + len(data)
+        if len(data) == size:  # not at the end of the shard
+            for _ in range(depth):
+                self._submit()
+
+    def _submit(self) -> None:
+        self.ahead.append(self.fetch(self._next_at))
+        self._next_at += self.size
 
     def take(self, offset: int, length: int):
         """The bytes [offset, offset + length) if this block (or the next) has them."""
@@ -59,12 +67,15 @@ class _Block:
             end = self.start + len(self.data)
             if self.start <= offset and offset + length <= end:
                 return memoryview(self.data)[offset - self.start:offset - self.start + length]
-            if self.nxt is None or not self.start <= offset <= end:
+            if not self.ahead or not self.start <= offset <= end:
                 return None
-            more = self.nxt.result()  # advance: keep the unread tail, append the next block
+            more = self.ahead.popleft().result()  # advance: keep the unread tail
             self.data = self.data[offset - self.start:] + more
             self.start = offset
-            self.nxt = self.fetch(end + len(more)) if more else None
+            if len(more) == self.size:
+                self._submit()
+            else:  # the end of the shard: nothing further to fetch
+                self.ahead.clear()
         return None
 
 
@@ -83,14 +94,22 @@ class CacheReader:
     """Random access by key and sequential scans over every writer's shards."""
 
     def __init__(self, root: str | Path | Storage, namespace: CacheNamespace, *,
-                 tail_open: bool = True, readahead_bytes: int = 8 << 20,
-                 readahead_shards: int = 4) -> None:
+                 tail_open: bool = True, readahead_bytes: int | None = None,
+                 readahead_depth: int = 2, readahead_shards: int = 4) -> None:
         """tail_open: also index records of shards still being written (local disk).
-        readahead_bytes: block size for reads in write order (0 disables); each reading
-        thread keeps blocks (and one block fetched ahead) for `readahead_shards` shards."""
+        readahead_bytes: block size for reads in write order (0 disables; default 8 MiB
+        on object stores, 0 on local disk, where the kernel's own readahead of sequential
+        preads measured faster); `readahead_depth` blocks are fetched ahead in parallel,
+        and each reading thread keeps blocks for `readahead_shards` shards."""
         self.storage = open_storage(root)
         self.namespace, self.tail_open = namespace, tail_open
+        if readahead_bytes is None:
+            readahead_bytes = 0 if self.storage.is_local else 8 << 20
+        if readahead_bytes < 0 or readahead_depth < 1 or readahead_shards < 1:
+            raise ValueError(f"readahead_bytes >= 0, readahead_depth and readahead_shards >= 1,"
+                             f" got {readahead_bytes}, {readahead_depth}, {readahead_shards}")
         self.readahead_bytes, self.readahead_shards = readahead_bytes, readahead_shards
+        self.readahead_depth = readahead_depth
         self.dir = open_namespace(self.storage, namespace, create=False)
         self._runs: list[Run] = []
         self._run_names: set[str] = set()
@@ -283,7 +302,8 @@ class CacheReader:
             return self.storage.read(shard, offset, length)
         blocks[shard] = block = _Block(
             offset, self.storage.read(shard, offset, self.readahead_bytes),
-            lambda at, shard=shard: self._prefetch(shard, at))
+            lambda at, shard=shard: self._prefetch(shard, at), self.readahead_bytes,
+            self.readahead_depth)
         while len(blocks) > self.readahead_shards:
             blocks.popitem(last=False)
         got = block.take(offset, length)
@@ -293,7 +313,7 @@ class CacheReader:
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=2,
+                    self._pool = ThreadPoolExecutor(max_workers=self.readahead_depth,
                                                     thread_name_prefix="cache-readahead")
         return self._pool.submit(self.storage.read, shard, offset, length or self.readahead_bytes)
 
@@ -315,7 +335,8 @@ class CacheReader:
             logger.warning("scan skips %s: %s", shard, exc)
             return
         block = _Block(SHARD_HEADER.size, self.storage.read(shard, SHARD_HEADER.size, step),
-                       lambda at: self._prefetch(shard, at, step))
+                       lambda at: self._prefetch(shard, at, step), step,
+                       self.readahead_depth if self.readahead_bytes else 1)
         off = SHARD_HEADER.size
         while True:
             head = block.take(off, REC_HEAD.size)
