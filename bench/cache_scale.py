@@ -50,7 +50,7 @@ WRITERS, SEQ, TINY, SEED, BATCH = 4, 512, 8, 20261201, 1 << 14
 REAL = (8192, 10240)  # payload bytes drawn uniformly: ~9 KB, a 512-position RS-12 row
 SIZES = {  # quick / full
     "records": (2_000_000, 100_000_000), "skip_existing_records": (100_000, 1_000_000),
-    "real_per_writer": (5_000, 25_000), "s3_records": (2_000, 10_000), "s3_baseline_s": (3.0, 20.0),
+    "real_per_writer": (5_000, 25_000), "s3_records": (2_000, 2_000), "s3_baseline_s": (3.0, 10.0),
     "warm_gets": (50_000, 300_000), "cold_gets": (3_000, 20_000), "cold_s": (2.0, 20.0),
 }
 GOALS = {"heap_bytes_per_record": (2, "<="), "open_s": (2, "<="),
