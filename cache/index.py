@@ -13,7 +13,9 @@ place: a reader's heap holds the mapping, not the entries.
     offset  u64[count]   record offset in its shard
     length  u32[count]   whole record length
     shard   u32[count]   position of the shard in `names`
-    footer  u32 crc32 of the columns | b"LCI2"
+    fence   u64[ceil(count / 512)]   hi[0], hi[512], ...: a lookup bisects these (one
+            page) first, then one 512-entry stretch of hi, so it touches ~2 pages, not ~27
+    footer  u32 crc32 of the columns and fences | b"LCI2"
 
 Entries are sorted by `hi` only (ties are scanned), which keeps merges a
 stable sort of concatenated sorted runs. The header CRC is checked on open; the
@@ -43,6 +45,7 @@ _HEAD = struct.Struct("<4sIQII")
 _FOOT = struct.Struct("<I4s")
 _ENTRY_BYTES = 8 + 8 + 8 + 4 + 4
 _NATIVE_LE = sys.byteorder == "little"
+FENCE_STRIDE = 512
 
 
 class IndexCorruptError(ValueError):
@@ -98,6 +101,7 @@ def encode_run(names: list[str], cols: Columns) -> bytes:
     for col, dtype in ((cols.hi, "<u8"), (cols.lo, "<u8"), (cols.offset, "<u8"),
                        (cols.length, "<u4"), (cols.shard, "<u4")):
         out += np.ascontiguousarray(col, dtype=dtype).tobytes()
+    out += np.ascontiguousarray(cols.hi[::FENCE_STRIDE], dtype="<u8").tobytes()
     out += _FOOT.pack(zlib.crc32(memoryview(out)[body_start:]), RUN_MAGIC)
     return bytes(out)
 
@@ -123,7 +127,8 @@ class Run:
             raise IndexCorruptError(f"{name}: not a version-{RUN_VERSION} index run")
         names_end = _HEAD.size + names_len
         body = names_end + (-names_end % 8)
-        if names_end > size or body + count * _ENTRY_BYTES + _FOOT.size != size:
+        fences = -(-count // FENCE_STRIDE)
+        if names_end > size or body + count * _ENTRY_BYTES + fences * 8 + _FOOT.size != size:
             raise IndexCorruptError(f"{name}: size {size} does not match {count} entries")
         packed = bytes(mv[_HEAD.size:names_end])
         if zlib.crc32(packed, zlib.crc32(bytes(mv[:_HEAD.size - 4]))) != crc:
@@ -146,6 +151,9 @@ class Run:
                          if _NATIVE_LE else cols[-1])
             at += count * width
         self.hi, self.lo, self.offset, self.length, self.shard = cols
+        self.fence = arr[at:at + fences * 8].view("<u8")
+        views.append(mv[at:at + fences * 8].cast("Q") if _NATIVE_LE else self.fence)
+        at += fences * 8
         self._views = views
         self._body = (body, at)
         self._pad = (names_end, body)
@@ -162,13 +170,16 @@ class Run:
         if magic != RUN_MAGIC or zlib.crc32(self._arr[start:end]) != crc or pad.any():
             raise IndexCorruptError(f"{self.name}: entry checksum mismatch")
         if self.count and (np.any(self.hi[1:] < self.hi[:-1]) or
-                           int(self.shard.max()) >= len(self.shards)):
+                           int(self.shard.max()) >= len(self.shards) or
+                           not np.array_equal(self.fence, self.hi[::FENCE_STRIDE])):
             raise IndexCorruptError(f"{self.name}: entries out of order or out of range")
 
     def find(self, hi: int, lo: int) -> tuple[str, int, int] | None:
         """(shard, offset, length) of the key, or None."""
-        his, los, offsets, lengths, shards = self._views
-        i = bisect.bisect_left(his, hi)
+        his, los, offsets, lengths, shards, fence = self._views
+        j = bisect.bisect_left(fence, hi)  # fence[j-1] < hi <= fence[j]
+        i = bisect.bisect_left(his, hi, max(0, (j - 1) * FENCE_STRIDE),
+                               min(self.count, j * FENCE_STRIDE + 1))
         while i < self.count and his[i] == hi:
             if los[i] == lo:
                 s = int(shards[i])
@@ -178,31 +189,12 @@ class Run:
             i += 1
         return None
 
-    def find_many(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-        """Entry index per key (-1 where absent), vectorised."""
-        out = np.full(len(hi), -1, dtype=np.int64)
-        if not self.count:
-            return out
-        i = np.searchsorted(self.hi, hi)
-        pending = np.arange(len(hi))
-        while len(pending):
-            j = i[pending]
-            ok = j < self.count
-            pending, j = pending[ok], j[ok]
-            same = self.hi[j] == hi[pending]
-            pending, j = pending[same], j[same]
-            hit = self.lo[j] == lo[pending]
-            out[pending[hit]] = j[hit]
-            pending = pending[~hit]
-            i[pending] += 1
-        return out
-
     def columns(self) -> Columns:
         return Columns(np.asarray(self.hi), np.asarray(self.lo), np.asarray(self.offset),
                        np.asarray(self.length), np.asarray(self.shard))
 
     def close(self) -> None:
-        self.hi = self.lo = self.offset = self.length = self.shard = None
+        self.hi = self.lo = self.offset = self.length = self.shard = self.fence = None
         self._arr = self._views = None
         if isinstance(self._buf, mmap.mmap):
             try:
