@@ -174,39 +174,45 @@ class TeacherServer:
                                            limits=self.limits, methods=methods,
                                            cache_dir=cache_dir, writer_id=replica_id,
                                            metrics=self.metrics)
-        options = [("grpc.max_receive_message_length", self.limits.max_message_bytes),
-                   ("grpc.max_send_message_length", self.limits.max_message_bytes)]
-        interceptors = [BearerTokenAuth(auth_token)] if auth_token else []
-        interceptors.append(MalformedRequestGuard())
-        self.server = grpc.aio.server(interceptors=interceptors, options=options)
-        pb_grpc.add_TeacherServicer_to_server(servicer, self.server)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        address = f"{host}:{port}"
-        if tls is not None:
-            creds = grpc.ssl_server_credentials([(tls.key, tls.cert)])
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
-        self.address = f"{host}:{self.port}"
         self._http = None
-        self.metrics_port = None
-        self.metrics_host = host if metrics_host is None else metrics_host
-        if metrics_port is not None:
-            self._http, _ = start_http_server(metrics_port, addr=self.metrics_host,
-                                              registry=self.metrics.registry)
-            self.metrics_port = self._http.server_port
-        self._sd = None
-        if metrics_sd_dir is not None and self.metrics_port is not None:
-            self._sd = (metrics_sd_dir, f"teacher-{replica_id}")
-            write_scrape_target(metrics_sd_dir, self._sd[1],
-                                f"{reachable_host(self.metrics_host)}:{self.metrics_port}",
-                                {"replica": replica_id})
-        self.engine.on_unhealthy.append(self._unhealthy)
-        self.engine.start()
-        await self.server.start()
+        try:
+            options = [("grpc.max_receive_message_length", self.limits.max_message_bytes),
+                       ("grpc.max_send_message_length", self.limits.max_message_bytes)]
+            interceptors = [BearerTokenAuth(auth_token)] if auth_token else []
+            interceptors.append(MalformedRequestGuard())
+            self.server = grpc.aio.server(interceptors=interceptors, options=options)
+            pb_grpc.add_TeacherServicer_to_server(servicer, self.server)
+            self.health = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+            address = f"{host}:{port}"
+            if tls is not None:
+                creds = grpc.ssl_server_credentials([(tls.key, tls.cert)])
+                self.port = self.server.add_secure_port(address, creds)
+            else:
+                self.port = self.server.add_insecure_port(address)
+            self.address = f"{host}:{self.port}"
+            self.metrics_port = None
+            self.metrics_host = host if metrics_host is None else metrics_host
+            if metrics_port is not None:
+                self._http, _ = start_http_server(metrics_port, addr=self.metrics_host,
+                                                  registry=self.metrics.registry)
+                self.metrics_port = self._http.server_port
+            self._sd = None
+            if metrics_sd_dir is not None and self.metrics_port is not None:
+                self._sd = (metrics_sd_dir, f"teacher-{replica_id}")
+                write_scrape_target(metrics_sd_dir, self._sd[1],
+                                    f"{reachable_host(self.metrics_host)}:{self.metrics_port}",
+                                    {"replica": replica_id})
+            self.engine.on_unhealthy.append(self._unhealthy)
+            self.engine.start()
+            await self.server.start()
+        except BaseException:  # e.g. the port is taken: give back the cache writer id
+            if self._http is not None:
+                self._http.shutdown()
+            await self.engine.close()
+            raise
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.serving.set(1)

@@ -78,3 +78,19 @@ def test_a_namespace_whose_writer_id_another_writer_holds_counts_errors_then_res
         assert reader.get(b"a" * 16) is None
     finally:
         reader.close()
+
+
+def test_a_server_that_fails_to_start_gives_its_writer_id_back(tiny_backend, tmp_path):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        with pytest.raises(RuntimeError):  # the port is taken: no server
+            asyncio.run(TeacherServer.start(tiny_backend, port=taken.getsockname()[1],
+                                            cache_dir=tmp_path / "cache", replica_id="r0"))
+    finally:
+        taken.close()
+    again = ServerThread(tiny_backend, cache_dir=tmp_path / "cache", replica_id="r0")
+    again.close()
