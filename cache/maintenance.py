@@ -28,11 +28,13 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from logitcast.cache.index import Columns, IndexCorruptError, Run, encode_run, merge_runs
+from logitcast.cache.index import IndexCorruptError, Run, encode_run, merge_runs
 from logitcast.cache.namespace import CacheNamespace
-from logitcast.cache.reader import CacheReader, load_run
+from logitcast.cache.reader import CacheReader, load_run, shard_columns
 from logitcast.cache.records import (
     COMPACT_ID,
+    CRC,
+    REC_HEAD,
     RECORD_MAGIC,
     RUN_NAME,
     SHARD_NAME,
@@ -40,7 +42,6 @@ from logitcast.cache.records import (
     check_shard_header,
     open_namespace,
     record_problem,
-    scan_records,
 )
 from logitcast.cache.storage import Storage, WriterIdInUseError, open_storage
 from logitcast.cache.v1 import V1_INDEX_MAGIC
@@ -93,17 +94,18 @@ def _salvage(data, shard: str) -> tuple[list[tuple[bytes, int, int]], list[str]]
     return good, problems
 
 
-def _check_run_entries(storage: Storage, run: Run, shards: dict[str, bytes | None]) -> list[str]:
-    """Every entry of `run` against the record at its location."""
+def _check_run_entries(storage: Storage, run: Run, readable: set[str]) -> list[str]:
+    """Every entry of `run` against the record at its location (one shard in memory at a
+    time)."""
     problems = []
     for s, shard in enumerate(run.shards):
         sel = np.nonzero(run.shard == s)[0]
         if not len(sel):
             continue
-        data = shards.get(shard)
-        if data is None:
+        if shard not in readable:
             problems.append(f"{run.name}: indexes {shard}, which is missing or unreadable")
             continue
+        data = storage.read(shard)
         for i in sel.tolist():
             off, n = int(run.offset[i]), int(run.length[i])
             key = int(run.hi[i]).to_bytes(8, "big") + int(run.lo[i]).to_bytes(8, "big")
@@ -128,7 +130,7 @@ def verify(root: str | Storage, namespace: CacheNamespace, *, repair: bool = Fal
     prefix = f"{directory}/"
     names = storage.list(directory)
     problems: list[str] = []
-    shard_data: dict[str, bytes | None] = {}
+    readable: set[str] = set()  # shards whose header reads (not their bytes: caches are big)
     damaged: set[str] = set()
     salvaged: dict[str, list] = {}
     for name in progress([n for n in names if SHARD_NAME.fullmatch(n)]):
@@ -138,10 +140,9 @@ def verify(root: str | Storage, namespace: CacheNamespace, *, repair: bool = Fal
             check_shard_header(data, full)
         except (FileNotFoundError, CacheCorruptError) as exc:
             problems.append(str(exc))
-            shard_data[full] = None
             damaged.add(full)
             continue
-        shard_data[full] = data
+        readable.add(full)
         if name.endswith(".open"):  # a live writer's torn tail is expected
             continue
         good, bad = _salvage(data, full)
@@ -154,7 +155,7 @@ def verify(root: str | Storage, namespace: CacheNamespace, *, repair: bool = Fal
         try:
             run = load_run(storage, prefix + name, prefix)
             run.check()
-            found = _check_run_entries(storage, run, shard_data)
+            found = _check_run_entries(storage, run, readable)
             run.close()
         except (IndexCorruptError, CacheCorruptError, FileNotFoundError) as exc:
             found = [str(exc)]
@@ -162,11 +163,11 @@ def verify(root: str | Storage, namespace: CacheNamespace, *, repair: bool = Fal
             problems += found
             bad_runs.append(name)
     if repair:
-        _repair(storage, namespace, directory, names, damaged, salvaged, bad_runs, shard_data)
+        _repair(storage, namespace, directory, names, damaged, salvaged, bad_runs, readable)
     return list(dict.fromkeys(problems))
 
 
-def _repair(storage, namespace, directory, names, damaged, salvaged, bad_runs, shard_data):
+def _repair(storage, namespace, directory, names, damaged, salvaged, bad_runs, readable):
     prefix = f"{directory}/"
     owners = {_writer_of(n) for n in names} - {None}
     with _dead_writers(storage, directory, owners) as dead:
@@ -176,16 +177,15 @@ def _repair(storage, namespace, directory, names, damaged, salvaged, bad_runs, s
                 for shard, good in salvaged.items():
                     if _writer_of(shard.rsplit("/", 1)[1]) not in dead:
                         continue
-                    data = shard_data[shard]
+                    data = storage.read(shard)
                     for key, off, total in good:
-                        w.put(key, bytes(data[off + 24:off + total - 4]))
+                        w.put(key, bytes(data[off + REC_HEAD.size:off + total - CRC.size]))
         for shard in sorted(damaged):
             name = shard.rsplit("/", 1)[1]
             if _writer_of(name) not in dead or name.endswith(".open"):
                 continue
-            data = shard_data.get(shard)
-            if data is not None:
-                storage.write_atomic(f"{directory}/{QUARANTINE}/{name}", bytes(data))
+            if shard in readable:
+                storage.write_atomic(f"{directory}/{QUARANTINE}/{name}", storage.read(shard))
             storage.remove(shard)
             logger.warning("quarantined %s (%d readable records salvaged)", shard,
                            len(salvaged.get(shard, [])))
@@ -199,10 +199,8 @@ def _repair(storage, namespace, directory, names, damaged, salvaged, bad_runs, s
             if not shard.endswith(".shard") or full in covered or _writer_of(shard) not in dead:
                 continue
             data = storage.read(full)
-            found = list(scan_records(data, full, strict=False))
-            cols = Columns.build([k for k, _ in found], [loc.offset for _, loc in found],
-                                 [loc.length for _, loc in found])
-            storage.write_atomic(full[:-len(".shard")] + ".index", encode_run([shard], cols))
+            storage.write_atomic(full[:-len(".shard")] + ".index",
+                                 encode_run([shard], shard_columns(data, full)))
         reader.close()
 
 

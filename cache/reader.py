@@ -79,6 +79,13 @@ class _Block:
         return None
 
 
+def shard_columns(data, shard: str) -> Columns:
+    """The index entries of a shard's valid records, rebuilt by scanning its bytes."""
+    found = list(scan_records(data, shard, strict=False))
+    return Columns.build([k for k, _ in found], [loc.offset for _, loc in found],
+                         [loc.length for _, loc in found])
+
+
 def load_run(storage: Storage, name: str, prefix: str) -> Run:
     """Open the index run `name` (a version-1 index is converted in memory)."""
     path = storage.local_path(name)
@@ -180,11 +187,9 @@ class CacheReader:
         except CacheCorruptError as exc:
             logger.warning("%s: skipped", exc)
             return None
-        found = list(scan_records(data, shard, strict=False))
+        cols = shard_columns(data, shard)
         logger.warning("%s has no readable index; rebuilt one in memory from %d records "
-                       "(`logitcast cache verify --repair` writes it back)", shard, len(found))
-        cols = Columns.build([k for k, _ in found], [loc.offset for _, loc in found],
-                             [loc.length for _, loc in found])
+                       "(`logitcast cache verify --repair` writes it back)", shard, len(cols))
         return Run(shard + ".rebuilt", encode_run([shard.rsplit("/", 1)[1]], cols),
                    f"{self.dir}/")
 

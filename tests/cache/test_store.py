@@ -208,14 +208,19 @@ def test_verify_repair_quarantines_damaged_shards_and_salvages_the_rest(tmp_path
     assert len(readable) == 29  # everything but the damaged record
 
 
-def test_target_cache_treats_a_damaged_record_as_a_miss_and_rewrites_it(tmp_path):
-    with CacheWriter(tmp_path, NS, writer_id="w") as w:
+def _five_records_the_last_damaged(root):
+    with CacheWriter(root, NS, writer_id="w") as w:
         for i in range(5):
             w.put(key(i), payload(i))
-    shard = files(tmp_path, ".shard")[0]
+    shard = files(root, ".shard")[0]
     data = bytearray(shard.read_bytes())
     data[-10] ^= 1  # the last record's payload
     shard.write_bytes(bytes(data))
+    return shard
+
+
+def test_target_cache_treats_a_damaged_record_as_a_miss_and_rewrites_it(tmp_path):
+    shard = _five_records_the_last_damaged(tmp_path)
     seen = []
     cache = TargetCache(tmp_path, NS, writable=True, writer_id="c", on_corrupt=seen.append)
     assert cache.get(key(4)) is None
@@ -410,13 +415,7 @@ def test_object_store_round_trip_merge_compact_and_verify(s3_url):
 
 
 def test_a_writer_replaces_a_damaged_stored_record_instead_of_skipping_it(tmp_path):
-    with CacheWriter(tmp_path, NS, writer_id="w") as w:
-        for i in range(5):
-            w.put(key(i), payload(i))
-    shard = files(tmp_path, ".shard")[0]
-    data = bytearray(shard.read_bytes())
-    data[-10] ^= 1  # the last record's payload
-    shard.write_bytes(bytes(data))
+    _five_records_the_last_damaged(tmp_path)
     with CacheWriter(tmp_path, NS, writer_id="tee") as tee:  # e.g. a server's cache tee
         assert not tee.put(key(3), payload(3))  # intact: skipped
         assert tee.put(key(4), payload(4))  # damaged: written again
