@@ -72,8 +72,10 @@ class FaultyBackend:
             setattr(self, name, getattr(inner, name))
         self.teacher_id = inner.teacher_id
         self.forward_tokens: list[int] = []
+        self.entered = threading.Event()  # set once a forward pass has begun (before the gate)
 
     def hidden_states(self, tokens, document_ids=None):
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(30)
         self.forward_tokens.append(tokens.numel())
