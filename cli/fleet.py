@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'default' (embedded SmolLM2-135M), 'tiny', 'random:V:H:L', a path")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    from logitcast.cli.serve import add_backend_arguments
+
+    add_backend_arguments(p)
     p.add_argument("--threads", type=int, default=1, help="torch threads per CPU replica")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--autoscale", default=None, metavar="MIN:MAX",
@@ -26,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ongoing-requests", type=int, default=16)
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=None,
-                   help="default: 1 when this machine has a GPU, else 0")
+                   help="default: 1 (vllm: --tensor-parallel-size) when this machine has a GPU, else 0")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use here")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, default=9000)
@@ -46,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from logitcast.cli.serve import vllm_options
     from logitcast.server.fleet import LocalFleet
 
     autoscale = None
@@ -55,10 +59,13 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise SystemExit(f"--autoscale: expected MIN:MAX, got {args.autoscale!r}") from None
         autoscale = (lo, hi)
+    options = vllm_options(args)
     gpus = args.gpus_per_replica
-    if gpus is None:
-        gpus = 1.0 if torch.cuda.is_available() and args.device != "cpu" else 0.0
+    if gpus is None:  # one replica per GPU, or per tensor-parallel group of GPUs
+        tp = options.get("tensor_parallel_size", 1)
+        gpus = float(tp) if torch.cuda.is_available() and args.device != "cpu" else 0.0
     replica = {"model": args.model, "dtype": args.dtype, "device": args.device,
+               "backend": args.backend, "vllm": options,
                "threads": args.threads if gpus == 0 else 0,
                "cache_dir": args.cache_dir,
                "metrics_sd_dir": str(args.metrics_sd_dir) if args.metrics_sd_dir else None,

@@ -14,6 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "'random:VOCAB:HIDDEN:LAYERS', a local path or a hub id")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_backend_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
@@ -56,6 +57,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "sharing a cache (default: unique per process)")
 
 
+def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    """--backend and the vLLM options (shared by `serve` and `fleet up`)."""
+    g = p.add_argument_group("teacher backend")
+    g.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                   help="hf: transformers forward; vllm: vLLM's pooling runner gives hidden "
+                        "states, our code the LM head and sparsify")
+    g.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="vllm: GPUs one teacher spans (default 1)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="vllm: longest row or document segment (default: the model's)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vllm: fraction of GPU memory it may take (default 0.9)")
+    g.add_argument("--quantization", default=None,
+                   help="vllm: a quantisation method it loads (awq, gptq, fp8, ...); default: "
+                        "as the checkpoint says")
+    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="vllm: no torch.compile/CUDA graphs (default: eager on CPU only)")
+    g.add_argument("--batch-invariant", default=None, choices=["auto", "on", "off"],
+                   help="vllm: batch-invariant kernels, byte-identical targets whatever a row "
+                        "is batched with (default auto: on for NVIDIA compute capability >= 8)")
+    g.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="vllm on CPU: KV cache space in GiB (default 2)")
+
+
+_VLLM_FLAGS = {"tensor_parallel_size": "--tensor-parallel-size",
+               "max_model_len": "--max-model-len",
+               "gpu_memory_utilization": "--gpu-memory-utilization",
+               "quantization": "--quantization", "enforce_eager": "--[no-]enforce-eager",
+               "batch_invariant": "--batch-invariant", "kv_cache_gib": "--kv-cache-gib"}
+
+
+def vllm_options(args: argparse.Namespace) -> dict:
+    """The `VLLMOptions` fields given on the command line; SystemExit when a vLLM option
+    comes with --backend hf or is out of range."""
+    given = {k: getattr(args, k) for k in _VLLM_FLAGS if getattr(args, k, None) is not None}
+    if args.backend != "vllm":
+        if given:
+            flags = ", ".join(_VLLM_FLAGS[k] for k in given)
+            raise SystemExit(f"{flags}: vLLM options; add --backend vllm")
+        return {}
+    try:
+        from logitcast.server.vllm_backend import VLLMOptions
+
+        VLLMOptions(**given)
+    except ValueError as exc:
+        raise SystemExit(f"--backend vllm: {exc}") from exc
+    return given
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -66,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from logitcast.server.backends import load_backend
     from logitcast.server.engine import EngineConfig
     from logitcast.server.limits import RequestLimits
+    from logitcast.server.vllm_backend import TeacherLoadError
 
     methods = tuple(m for m in args.methods.split(",") if m)
     unknown = sorted(set(methods) - set(METHODS))
@@ -94,7 +145,12 @@ def run(args: argparse.Namespace) -> int:
             check_writer_id(args.replica_id)
         except ValueError as exc:
             raise SystemExit(f"logitcast serve: --replica-id: {exc}") from exc
-    backend = load_backend(args.model, dtype=args.dtype, device=args.device)
+    try:
+        backend = load_backend(args.model, dtype=args.dtype, device=args.device,
+                               backend=args.backend, vllm_options=vllm_options(args))
+    except (ValueError, ImportError, TeacherLoadError) as exc:  # a clear line, not a traceback
+        raise SystemExit(f"logitcast serve: cannot load teacher {args.model!r} "
+                         f"(--backend {args.backend}): {exc}") from exc
 
     async def main() -> None:
         server = await TeacherServer.start(

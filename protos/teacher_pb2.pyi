@@ -77,7 +77,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("teacher_id", "tokenizer_fingerprint", "vocab_size", "max_rows", "max_tokens", "max_seq_len", "methods", "codec_versions", "server_version", "supports_documents")
+    __slots__ = ("teacher_id", "tokenizer_fingerprint", "vocab_size", "max_rows", "max_tokens", "max_seq_len", "methods", "codec_versions", "server_version", "supports_documents", "batch_invariant", "backend")
     TEACHER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,8 @@ class InfoResponse(_message.Message):
     CODEC_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_INVARIANT_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     teacher_id: str
     tokenizer_fingerprint: str
     vocab_size: int
@@ -98,7 +100,9 @@ class InfoResponse(_message.Message):
     codec_versions: _containers.RepeatedScalarFieldContainer[int]
     server_version: str
     supports_documents: bool
-    def __init__(self, teacher_id: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_rows: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ..., codec_versions: _Optional[_Iterable[int]] = ..., server_version: _Optional[str] = ..., supports_documents: _Optional[bool] = ...) -> None: ...
+    batch_invariant: bool
+    backend: str
+    def __init__(self, teacher_id: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_rows: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ..., codec_versions: _Optional[_Iterable[int]] = ..., server_version: _Optional[str] = ..., supports_documents: _Optional[bool] = ..., batch_invariant: _Optional[bool] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("rows",)

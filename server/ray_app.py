@@ -60,6 +60,12 @@ class ReplicaConfig:
     """'default' (embedded SmolLM2-135M), 'tiny', 'random:V:H:L', a path or hub id."""
     dtype: str = "bf16"
     """bf16, fp16 or fp32."""
+    backend: str = "hf"
+    """hf (transformers) or vllm."""
+    vllm: dict[str, Any] = field(default_factory=dict)
+    """`VLLMOptions` fields (tensor_parallel_size, max_model_len, gpu_memory_utilization,
+    quantization, enforce_eager, batch_invariant, kv_cache_gib) for backend vllm. A
+    replica spanning N GPUs (tensor_parallel_size N) needs `num_gpus: N`."""
     device: str = "auto"
     """auto (cuda when the replica was given a GPU), cpu or cuda."""
     threads: int = 0
@@ -85,6 +91,14 @@ class ReplicaConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"backend must be hf or vllm, got {self.backend!r}")
+        if self.vllm and self.backend != "vllm":
+            raise ValueError(f"vllm options {sorted(self.vllm)} need backend: vllm")
+        if self.backend == "vllm":
+            from logitcast.server.vllm_backend import VLLMOptions
+
+            VLLMOptions(**self.vllm)
         EngineConfig(**self.engine)
         RequestLimits(**self.limits)
 
@@ -120,7 +134,8 @@ class TeacherDeployment:
         device = c.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        backend = load_backend(c.model, dtype=c.dtype, device=device)
+        backend = load_backend(c.model, dtype=c.dtype, device=device, backend=c.backend,
+                               vllm_options=c.vllm)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except RuntimeError:  # constructed outside Serve (tests of this class alone)
