@@ -164,12 +164,12 @@ class VLLMBackend:
             raise ValueError("vLLM backend: tensor parallelism needs GPUs (device cuda)")
         model_dir, base_id = resolve_model_dir(model)
         self.batch_invariant = self._setup_determinism(opts.batch_invariant)
-        self._configure_env()
         self.dtype = TORCH_DTYPES[dtype]
         head = read_lm_head(model_dir)
         self.lm_head = head.to(self.device, self.dtype)
         self.vocab_size = int(head.shape[0])
         self.tokenizer_fingerprint = self._check_tokenizer(model_dir)
+        self._configure_env()
         self.llm = self._start_engine(model_dir, dtype)
         self.max_seq_len = int(self.llm.llm_engine.model_config.max_model_len)
         suffix = "" if dtype == "bf16" else f"@{dtype}"
