@@ -116,8 +116,8 @@ def _assert_never_wrong(reader, upto, rng):
         assert got is None or got == payload(i)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_writer_killed_at_50_random_points_loses_nothing(tmp_path, where, request):
+@pytest.mark.parametrize(("where", "kills"), [("local", 50), ("s3", 20)])  # s3: ~1.3 s a kill
+def test_writer_killed_at_random_points_loses_nothing(tmp_path, where, kills, request):
     """Local: every acknowledged record stays readable after each kill (readers tail the
     open shard). Object store: nothing sealed is ever lost, and the next writer with the
     same id resumes the staged shard, so once it seals every acknowledged record is there."""
@@ -127,7 +127,7 @@ def test_writer_killed_at_50_random_points_loses_nothing(tmp_path, where, reques
     sealed_before: set[bytes] = set()
     start = 0
     storage = open_storage(root)  # one client for the checks (each new one costs ~0.5 s on s3)
-    for _ in range(50):
+    for _ in range(kills):
         parent, child = FORK.Pipe(duplex=False)
         proc = FORK.Process(target=_writer_child,  # s3: fewer seals (each ~10 slow requests)
                             args=(root, child, start, 1500 if where == "local" else 8000))
@@ -151,7 +151,7 @@ def test_writer_killed_at_50_random_points_loses_nothing(tmp_path, where, reques
         sealed_before = visible
         reader.close()
         start = max(acked) + 1
-    assert len(acked) >= 50
+    assert len(acked) >= kills
     CacheWriter(root, NS, writer_id="k").close()  # resumes, truncates any torn tail, seals
     reader = CacheReader(root, NS)
     assert all(reader.get(key(i)) == payload(i) for i in acked)
