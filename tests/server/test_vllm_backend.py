@@ -161,12 +161,10 @@ def test_vllm_and_hf_targets_agree(vllm_server, hf_server, text_rows, mode):
     assert float(-got.logprob[known].mean()) < 5.0
 
 
-def test_a_row_gets_the_same_bytes_alone_and_batched_with_other_requests(vllm_server,
-                                                                          text_rows):
-    """On CPU vLLM's kernels reduce each prompt alone: measured byte-identical, pinned."""
-    address = vllm_server[0]
+def alone_and_batched(address, text_rows) -> tuple[list[bytes], list[bytes]]:
+    """Payloads of rows 0-2 sent alone, then inside one 8-row request while two other
+    requests run beside it (the engine batches across them, vLLM batches the prompts)."""
     alone = [distill(address, text_rows[i:i + 1])[0].payload for i in range(3)]
-    # the same rows inside one request of 8 rows, while two other requests run beside it
     others = [torch.roll(text_rows, s, dims=1) for s in (5, 11)]
     results: dict[int, list] = {}
 
@@ -180,8 +178,38 @@ def test_a_row_gets_the_same_bytes_alone_and_batched_with_other_requests(vllm_se
     for t in threads:
         t.join(timeout=600)
     assert sorted(results) == [0, 1, 2]
-    batched = [c.payload for c in results[0][:3]]
+    return alone, [c.payload for c in results[0][:3]]
+
+
+def test_a_row_gets_the_same_bytes_alone_and_batched_with_other_requests(vllm_server,
+                                                                          text_rows):
+    """On CPU vLLM's kernels reduce each prompt alone: measured byte-identical, pinned
+    (Info does not claim it: vLLM does not promise it on CPU)."""
+    alone, batched = alone_and_batched(vllm_server[0], text_rows)
     assert batched == alone
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or torch.cuda.get_device_capability()[0] < 8,
+                    reason="vLLM's batch-invariant mode needs an NVIDIA GPU, cc >= 8.0")
+def test_on_gpu_the_batch_invariant_mode_gives_a_row_the_same_bytes_in_any_batch(
+        text_rows, tmp_path):
+    from logitcast.cli.serve import start_server_process
+
+    proc, address, info = start_server_process(
+        ["--backend", "vllm", "--model", "default", "--device", "cuda", "--dtype", "bf16",
+         "--max-model-len", "1024"], tmp_path / "gpu.log", timeout_s=900)
+    try:
+        assert info.batch_invariant
+        alone, batched = alone_and_batched(address, text_rows)
+        assert batched == alone
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def test_served_end_to_end_with_the_normal_client_and_the_cache_tee(vllm_server, tmp_path):
