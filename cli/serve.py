@@ -77,7 +77,7 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-invariant", default=None, choices=["auto", "on", "off"],
                    help="vllm: batch-invariant kernels, byte-identical targets whatever a row "
                         "is batched with (default auto: on for NVIDIA compute capability >= 8)")
-    g.add_argument("--kv-cache-gib", type=float, default=None,
+    g.add_argument("--kv-cache-gib", type=int, default=None,
                    help="vllm on CPU: KV cache space in GiB (default 2)")
 
 

@@ -63,7 +63,7 @@ class VLLMOptions:
     per start there and gains little), compiled on GPU."""
     batch_invariant: str = "auto"
     """auto (on where vLLM supports it: CUDA compute capability >= 8.0), on, or off."""
-    kv_cache_gib: float = 2.0
+    kv_cache_gib: int = 2
     """CPU only: KV cache space (VLLM_CPU_KVCACHE_SPACE); prefill-only prompts need
     little, but every prompt of a batch is resident at once."""
     max_num_seqs: int = 256
@@ -79,8 +79,8 @@ class VLLMOptions:
                              f"{self.gpu_memory_utilization}")
         if self.batch_invariant not in ("auto", "on", "off"):
             raise ValueError(f"batch_invariant must be auto, on or off, got {self.batch_invariant!r}")
-        if self.kv_cache_gib <= 0:
-            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if not isinstance(self.kv_cache_gib, int) or self.kv_cache_gib < 1:
+            raise ValueError(f"kv_cache_gib must be a whole number >= 1, got {self.kv_cache_gib!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
@@ -202,9 +202,10 @@ class VLLMBackend:
         # mode, its matmul overrides); no second process to start, feed and kill
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if self.device.type == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(opts.kv_cache_gib))))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(opts.kv_cache_gib))
             # vLLM's CPU worker drops torch to 1 thread unless OMP_NUM_THREADS is set, and
             # then forbids torch.set_num_threads: keep the threads this process was given
+            # (vLLM's CPU core binding applies to its multiprocess executor only, not here)
             os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
     def _check_tokenizer(self, model_dir: str) -> str:
