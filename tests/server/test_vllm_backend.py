@@ -130,6 +130,20 @@ def test_info_names_the_vllm_backend_and_its_teacher(vllm_server):
     assert not info.batch_invariant  # only vLLM's GPU batch-invariant mode claims it
 
 
+def test_bad_rows_are_refused_before_vllm_sees_them(vllm_server):
+    from tests.server.conftest import rpc_error
+
+    address = vllm_server[0]
+    too_long = torch.full((1, 1025), 5)  # over --max-model-len 1024
+    code, details = rpc_error(lambda: distill(address, too_long))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1024" in details
+    out_of_vocab = torch.full((1, 8), 49152)
+    code, details = rpc_error(lambda: distill(address, out_of_vocab))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(distill(address, torch.full((1, 8), 5))) == 1  # and it still serves
+
+
 @pytest.mark.parametrize("mode", ["rows", "documents"])
 def test_vllm_and_hf_targets_agree(vllm_server, hf_server, text_rows, mode):
     docs = None
