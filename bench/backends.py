@@ -294,7 +294,7 @@ def measure(backend: str, dtype: str, rows: torch.Tensor, rows_per_request: int,
             "server_lm_head_sparsify_s": (after_single["sparsify_seconds_sum"]
                                           - after["sparsify_seconds_sum"]),
             "cpu_during_workload": cpu_single,
-            "same_targets_as_batched_frac": float(same_ids(alone, batched).float().mean()),
+            "same_targets_as_batched_frac": float(alone.same_entries(batched).float().mean()),
             "same_logprob_as_batched_frac": float(
                 ((la == lb) | (torch.isnan(la) & torch.isnan(lb))).float().mean()),
         }
@@ -305,19 +305,6 @@ def measure(backend: str, dtype: str, rows: torch.Tensor, rows_per_request: int,
               f"{o['server_lm_head_sparsify_s']:.1f}s); targets as in the batched run: "
               f"{o['same_targets_as_batched_frac']:.4f} of positions", flush=True)
     return fig, targets
-
-
-def same_ids(a, b) -> torch.Tensor:
-    """bool [N]: the position drew the same ids with the same counts."""
-    out = torch.zeros(len(a), dtype=torch.bool)
-    for i in range(len(a)):
-        n, m = int(a.num_entries[i]), int(b.num_entries[i])
-        if n == m:
-            ia, order_a = a.ids[i, :n].sort()
-            ib, order_b = b.ids[i, :m].sort()
-            out[i] = torch.equal(ia, ib) and torch.equal(a.counts[i, :n][order_a],
-                                                         b.counts[i, :m][order_b])
-    return out
 
 
 def agreement(vllm: list, hf: list) -> dict:
@@ -331,7 +318,7 @@ def agreement(vllm: list, hf: list) -> dict:
     x, y = la[known], lb[known]
     diff = (x - y).abs()
     step = torch.maximum(x.abs(), y.abs()) * FLOAT16_STEP
-    same = same_ids(a, b)
+    same = a.same_entries(b)
     return {
         "positions": len(a),
         "positions_with_logprob": int(known.sum()),

@@ -103,6 +103,26 @@ class SparseTargets:
                              draws=zn, tail_mass=torch.ones(n), entropy=nan, logprob=nan,
                              vocab_size=vocab_size, tail_from_counts=tail_from_counts)
 
+    def same_entries(self, other: SparseTargets) -> torch.Tensor:
+        """bool [N]: position n holds the same ids with the same draw counts in both, in
+        any order (e.g. two backends' draws for the same rows agree there)."""
+        if len(self) != len(other):
+            raise ValueError(f"{len(self)} positions vs {len(other)}")
+        width, pad = max(self.width, other.width), 1 << 62  # above any id; exact as a float
+
+        def canonical(t: SparseTargets) -> tuple[torch.Tensor, torch.Tensor]:
+            valid = torch.arange(t.width, device=t.ids.device) < t.num_entries[:, None]
+            ids = torch.nn.functional.pad(torch.where(valid, t.ids.long(), pad),
+                                          (0, width - t.width), value=pad)
+            counts = torch.nn.functional.pad(torch.where(valid, t.counts, 0),
+                                             (0, width - t.width))
+            ids, order = ids.sort(dim=1)  # padding sorts last
+            return ids, counts.gather(1, order)
+
+        (ia, ca), (ib, cb) = canonical(self), canonical(other)
+        return ((self.num_entries == other.num_entries) & (ia == ib).all(dim=1)
+                & (ca == cb).all(dim=1))
+
     @staticmethod
     def cat(parts: list[SparseTargets]) -> SparseTargets:
         """Concatenate along positions, padding to the widest part."""

@@ -26,6 +26,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class TeacherBackend(Protocol):
     """What the server needs from a teacher."""
 
+    name: str
+    """What runs the trunk: "hf" (transformers) or "vllm"; `Info.backend`."""
     teacher_id: str
     tokenizer_fingerprint: str
     vocab_size: int

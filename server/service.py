@@ -125,8 +125,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             max_tokens=self.limits.max_tokens, max_seq_len=self._max_seq_len(),
             methods=list(self.methods), codec_versions=[VERSION], server_version=self.version,
             supports_documents=b.supports_documents,
-            batch_invariant=bool(getattr(b, "batch_invariant", False)),
-            backend=getattr(b, "name", "hf"),
+            batch_invariant=b.batch_invariant, backend=b.name,
         )
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:

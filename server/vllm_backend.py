@@ -282,11 +282,3 @@ class VLLMBackend:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (hidden.to(self.lm_head.dtype) @ self.lm_head.T).float()
-
-    def close(self) -> None:
-        """Free the engine (best effort; vLLM frees the rest at process exit)."""
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            shutdown = getattr(getattr(llm, "llm_engine", None), "shutdown", None)
-            if callable(shutdown):
-                shutdown()

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -243,3 +245,23 @@ def test_shape_and_label_errors_name_the_argument():
         sparsify(logits, TargetSpec(), row_keys=keys, positions=pos, labels=labels + 100)
     with pytest.raises(ValueError, match="float"):
         sparsify(logits.long(), TargetSpec(), row_keys=keys, positions=pos)
+
+
+def test_same_entries_compares_ids_and_counts_in_any_order_at_any_width():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g)
+    spec = TargetSpec(method="sample", draws=12, unique=None)
+    keys, pos = torch.arange(6), torch.zeros(6, dtype=torch.long)
+    a = sparsify(logits, spec, row_keys=keys, positions=pos)
+    assert bool(a.same_entries(a).all())
+    ids, counts = a.ids.clone(), a.counts.clone()
+    for i, n in enumerate(a.num_entries.tolist()):  # the entries of each row in reverse
+        ids[i, :n], counts[i, :n] = a.ids[i, :n].flip(0), a.counts[i, :n].flip(0)
+    assert bool(a.same_entries(dataclasses.replace(a, ids=ids, counts=counts)).all())
+    assert bool(a.same_entries(a.pad_to(a.width + 3)).all())
+    counts = a.counts.clone()
+    counts[2, 0] += 1
+    assert a.same_entries(dataclasses.replace(a, counts=counts)).tolist() == [
+        True, True, False, True, True, True]
+    other = sparsify(logits, dataclasses.replace(spec, seed=1), row_keys=keys, positions=pos)
+    assert not bool(a.same_entries(other).all())

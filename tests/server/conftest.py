@@ -1,5 +1,9 @@
 import asyncio
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import grpc
 import pytest
@@ -11,6 +15,31 @@ from logitcast.protos import teacher_pb2 as pb
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
 from logitcast.protos.convert import rows_to_proto, spec_to_proto
 from logitcast.server.app import TeacherServer
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """SIGTERM (a server or fleet drains), then SIGKILL if it has not exited in time."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def start_fleet(args: list[str], log, *, timeout_s: float = 240) -> subprocess.Popen:
+    """`logitcast fleet up ARGS` in a child process, returned once it prints `fleet up:`
+    (bounded by timeout_s); the test fails with the log's tail if it exits or never does."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "logitcast.cli.main", "fleet", "up", *args],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout_s
+    while "fleet up:" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc)
+            pytest.fail(f"fleet did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    return proc
 
 
 class ServerThread:
@@ -68,7 +97,7 @@ class FaultyBackend:
                  gate: threading.Event | None = None) -> None:
         self.inner, self.poison, self.oom_above, self.gate = inner, poison, oom_above, gate
         for name in ("tokenizer_fingerprint", "vocab_size", "max_seq_len", "device",
-                     "supports_documents"):
+                     "supports_documents", "batch_invariant", "name"):
             setattr(self, name, getattr(inner, name))
         self.teacher_id = inner.teacher_id
         self.forward_tokens: list[int] = []

@@ -1,11 +1,7 @@
 """The fleet for real: `logitcast fleet up` (Ray Serve, its gRPC proxy, 2 replicas)."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 
 import grpc
@@ -21,7 +17,7 @@ from logitcast.ops.codec import encode
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
 from logitcast.server.fleet import free_port
 from tests.client.conftest import write_corpus
-from tests.server.conftest import ServerThread, distill_request
+from tests.server.conftest import ServerThread, distill_request, start_fleet, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -33,30 +29,14 @@ def fleet(tmp_path):
     """`logitcast fleet up` in a child process; yields (address, log path)."""
     port = free_port()
     log = tmp_path / "fleet.log"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "logitcast.cli.main", "fleet", "up", "--model", "tiny",
-         "--replicas", "2", "--threads", "1", "--num-cpus", "2", "--grpc-port", str(port),
-         "--http-port", str(free_port()), "--cache-dir", str(tmp_path / "cache"),
-         "--metrics-sd-dir", str(tmp_path / "sd")],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    proc = start_fleet(["--model", "tiny", "--replicas", "2", "--threads", "1", "--num-cpus", "2",
+                        "--grpc-port", str(port), "--http-port", str(free_port()),
+                        "--cache-dir", str(tmp_path / "cache"),
+                        "--metrics-sd-dir", str(tmp_path / "sd")], log)
     try:
-        for _ in range(480):  # bounded: 4 minutes
-            if "fleet up:" in log.read_text():
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"fleet exited early:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"fleet did not come up:\n{log.read_text()[-3000:]}")
         yield proc, f"127.0.0.1:{port}", log
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_process(proc)
 
 
 def test_fleet_serves_the_same_bytes_as_one_server_keeps_status_codes_and_tees(
