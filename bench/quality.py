@@ -1,39 +1,51 @@
-"""Quality benchmark: which sparse targets and losses distil best, on the real teacher?
+"""Quality benchmark: do sparse targets distil as well as full logits, and better than top-k?
 
-The real SmolLM2-135M teacher, a corpus (default: the Python standard library
-source; --corpus DIR|FILE for text files or JSONL), a held-out split by source
-file, and ~16M-parameter students trained from scratch on identical rows in
-identical order, one per method:
+The real SmolLM2-135M teacher (fp32) and students pruned from it (`logitcast prune`'s
+code: the most important blocks kept, the teacher's embedding and tied LM head kept
+and frozen), trained on identical rows, one student per (method, seed):
 
     ce         cross-entropy only (no teacher)
-    fullkd     dense KL to the full teacher distribution (the ceiling)
+    fullkd     dense KL to the full teacher distribution
     topk12     top-k 12, renormalised (vanilla top-k KD)      topk50   the same, k = 50
     tpk        top-p-k (0.95, 50), renormalised (PD)
     rs12       RS-KD: importance sampled, ~12 unique tokens (RS)
     headtail   exact top-4 head + sampled tail (~12 unique)
-    ghost      top-k 12 + a ghost token for the rest
-    tad        TAD: exact top-10 head, its tail term estimated from sampled tail
-               tokens (head_tail, K = 10), beta = 2
+    tad        TAD: exact top-10 head, its tail term estimated from sampled tail tokens,
+               beta = 2
     pd_better  PD's "better configuration": top-p-k (0.95, 50) at tau = 2, KLD,
-               WSD-alpha (max 0.9) and WSD-LR
+               WSD-alpha (max 0.9) and WSD-LR, scaled to the run
 
-Teacher targets for every sparse spec are computed once, from one teacher
-forward per batch, and written into a target cache (the real format); every
-student reads them back through `CacheSource`. FullKD runs the teacher on the
-fly. Each student is evaluated on the same held-out rows against the exact
-teacher distribution: LM loss, the fraction of the CE -> FullKD held-out-loss
-gap it covers, ECE, top-1 agreement, KL(teacher || student), and tokens/s.
-Results: bench/results/quality.json, quality.md and quality.png (eval curves),
-mean +- spread over the seeds (student initialisations; the data order is fixed).
+A seed is a data order: the run draws one pool of packed rows and each seed trains on a
+seeded permutation of it, so for a given seed every method sees the same rows in the
+same order, and the only thing that differs between two students of one seed is the
+method. Comparisons are therefore paired by seed: each method's difference to RS-12,
+with a 95 % t interval over seeds (scipy), significant when the interval excludes 0.
+The paired core (ce, fullkd, topk12, rs12, headtail) runs --seeds, the others
+--extra-seeds.
 
-    python bench/quality.py [--quick] [--corpus PATH] [--steps N] [--seeds 0,1]
+Teacher targets for every spec come from one teacher forward per pooled batch and go
+through the real target cache (`CacheWriter` -> `CacheSource`, keyed by row content,
+so any order reads them back); FullKD reuses the same forward's last hidden state and
+applies the teacher's LM head per step. Every student is evaluated at the end on the
+same >= 128 held-out rows (split by source file) against the exact teacher
+distribution: LM loss, KL(teacher || student), ECE, top-1 agreement, and mean
+confidence minus accuracy (the over-confidence the RS paper attributes to top-k). The
+teacher's own metrics on those rows are the floor. Finished runs are kept in
+.cache/quality/ and a rerun with the same configuration resumes after the last one.
 
-Last line: RESULT gap_rs12=.. gap_topk12=.. gap_headtail=.. ece_rs12=.. ece_topk12=.. ece_fullkd=..
+    python bench/quality.py [--quick] [--corpus PATH] [--steps N] [--seeds 0,1,2,3,4]
+
+Results: bench/results/quality.{json,md,png}. Last line:
+RESULT seeds=.. gap_rs12=.. gap_topk12=.. d_loss_topk12_vs_rs12=.. d_ece_topk12_vs_rs12=..
+significant=..   (d = method - RS-12: positive means RS-12 is better)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
+import json
 import logging
 import shutil
 import sys
@@ -43,19 +55,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results
 
 from logitcast.cache import CacheNamespace, CacheWriter
 from logitcast.client.offline import CacheSource
-from logitcast.client.packing import IGNORE, Packer, PackingConfig
+from logitcast.client.packing import IGNORE, PackedBatch, Packer, PackingConfig
 from logitcast.client.shards import TokenCorpus
 from logitcast.ops import KDConfig, TargetSpec, alpha_at, full_kd_loss, lr_at, sparsify
 from logitcast.ops.codec import encode
 from logitcast.ops.rowkey import draw_coordinates
-from logitcast.trainer.objective import evaluate_batch, last_hidden, student_loss, summarize
+from logitcast.trainer.objective import ECE_BINS, last_hidden, student_loss
 from logitcast.trainer.students import build_student, num_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRESS = ROOT / ".cache" / "quality"
+REFERENCE = "rs12"
 
 SPECS = {
     "topk12": TargetSpec(method="topk", k=12),
@@ -67,19 +84,23 @@ SPECS = {
     "tpk_t2": TargetSpec(method="top_p_k", p=0.95, k=50, temperature=2.0),
 }
 
-#: name -> (spec key in SPECS or None/"full", KD loss config, schedules)
+#: name -> (spec key in SPECS, "full" or None, KD loss config)
 STUDENTS = {
     "ce": (None, None),
     "fullkd": ("full", {}),
     "topk12": ("topk12", {"loss": "kl", "normalize": True}),
-    "topk50": ("topk50", {"loss": "kl", "normalize": True}),
-    "tpk": ("tpk", {"loss": "kl", "normalize": True}),
     "rs12": ("rs12", {"loss": "kl"}),
     "headtail": ("headtail", {"loss": "kl"}),
-    "ghost": ("topk12", {"loss": "ghost"}),
+    "topk50": ("topk50", {"loss": "kl", "normalize": True}),
+    "tpk": ("tpk", {"loss": "kl", "normalize": True}),
     "tad": ("ht10", {"loss": "tad", "beta": 2.0}),
     "pd_better": ("tpk_t2", {"loss": "kl", "normalize": True}),
 }
+CORE = ("ce", "fullkd", "topk12", "rs12", "headtail")
+METRICS = ("lm_loss", "kl_to_teacher", "ece", "top1_agreement", "overconfidence")
+
+
+# ---------------------------------------------------------------------------- data
 
 
 def tokenize(corpus: str | None, work: Path, quick: bool):
@@ -90,7 +111,10 @@ def tokenize(corpus: str | None, work: Path, quick: bool):
 
     tok, fingerprint, vocab = load_tokenizer("default")
     files = list_sources([Path(corpus)]) if corpus else stdlib_source_files()
-    files = files[: 12 if quick else 80]
+    files = files[: 24 if quick else 400]
+    if len(files) < 2:
+        raise SystemExit(f"--corpus {corpus}: {len(files)} source file(s); the held-out split "
+                         f"needs at least 2")
     held = files[::8]  # every 8th source file is held out
     train = [f for f in files if f not in held]
     tokenize_sources(train, work / "train", tok, fingerprint, vocab_size=vocab)
@@ -98,16 +122,45 @@ def tokenize(corpus: str | None, work: Path, quick: bool):
     return TokenCorpus(work / "train"), TokenCorpus(work / "heldout"), fingerprint
 
 
-def fill_cache(backend, packer: Packer, steps: int, cache: Path, fingerprint: str) -> dict:
-    """One teacher forward per batch, every spec sparsified from it, into the cache."""
+def row_pool(train: TokenCorpus, steps: int, batch: int, seq_len: int) -> PackedBatch:
+    """The steps x batch rows every seed permutes (the trainer's packing, seed 0)."""
+    packer = Packer(train, PackingConfig(seq_len=seq_len, global_batch=steps * batch))
+    if packer.rows_per_epoch < steps * batch:
+        raise SystemExit(f"the training split holds {packer.rows_per_epoch} rows of {seq_len} "
+                         f"tokens; {steps} steps x {batch} rows need {steps * batch} distinct "
+                         f"rows (a larger --corpus, or fewer --steps)")
+    return packer.batch(0)
+
+
+def heldout_rows(heldout: TokenCorpus, rows: int, seq_len: int) -> PackedBatch:
+    packer = Packer(heldout, PackingConfig(seq_len=seq_len, global_batch=rows))
+    if packer.rows_per_epoch < rows:
+        raise SystemExit(f"the held-out split holds {packer.rows_per_epoch} rows of {seq_len} "
+                         f"tokens; {rows} are needed (a larger --corpus)")
+    return packer.batch(0)
+
+
+def order(pool: PackedBatch, seed: int, step: int, batch: int) -> PackedBatch:
+    """Step `step` of seed `seed`: `batch` rows of a seeded permutation of the pool."""
+    perm = torch.randperm(pool.input_ids.shape[0], generator=torch.Generator().manual_seed(seed))
+    rows = perm[step * batch:(step + 1) * batch]
+    return PackedBatch(step=step, input_ids=pool.input_ids[rows], labels=pool.labels[rows],
+                       document_ids=None, row_keys=tuple(pool.row_keys[i] for i in rows.tolist()))
+
+
+# ---------------------------------------------------------------------------- teacher
+
+
+def fill_cache(backend, pool: PackedBatch, batch: int, cache: Path, fingerprint: str) -> dict:
+    """One teacher forward per pooled batch: every spec into the cache, hidden states kept."""
     writers = {name: CacheWriter(cache, CacheNamespace(
         teacher_id=backend.teacher_id, tokenizer_fingerprint=fingerprint, spec=spec),
         writer_id="quality") for name, spec in SPECS.items()}
-    t0 = time.perf_counter()
-    for step in range(steps):
-        batch = packer.batch(step)
-        tokens = batch.input_ids
+    t0, hidden_pool = time.perf_counter(), []
+    for start in range(0, pool.input_ids.shape[0], batch):
+        tokens = pool.input_ids[start:start + batch]
         hidden = backend.hidden_states(tokens)
+        hidden_pool.append(hidden)
         labels = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1)
         seq = tokens.shape[1]
         keys, draw, pos = draw_coordinates(tokens)
@@ -120,41 +173,143 @@ def fill_cache(backend, packer: Packer, steps: int, cache: Path, fingerprint: st
                 writers[name].put(keys[r], encode(t))
     for w in writers.values():
         w.close()
-    return {"seconds": time.perf_counter() - t0,
+    by_key = dict(zip(pool.row_keys, torch.cat(hidden_pool)))
+    return {"seconds": time.perf_counter() - t0, "hidden": by_key,
             "namespaces": {name: w.namespace for name, w in writers.items()}}
 
 
-def teacher_eval_logprobs(backend, batch) -> torch.Tensor:
+def teacher_logprobs(backend, rows: PackedBatch, chunk_rows: int = 4) -> torch.Tensor:
     """fp16 [rows*T, V] teacher log-probs of the held-out rows (computed once)."""
-    hidden = backend.hidden_states(batch.input_ids)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    return torch.cat([torch.log_softmax(backend.logits(h[i:i + 256]), -1).half()
-                      for i in range(0, h.shape[0], 256)])
+    out = []
+    for s in range(0, rows.input_ids.shape[0], chunk_rows):
+        h = backend.hidden_states(rows.input_ids[s:s + chunk_rows])
+        h = h.reshape(-1, h.shape[-1])
+        out += [torch.log_softmax(backend.logits(h[i:i + 256]).float(), -1).half()
+                for i in range(0, h.shape[0], 256)]
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+class Meter:
+    """Sums over held-out positions of one model's log-probs against the teacher's."""
+
+    def __init__(self) -> None:
+        self.n = self.nll = self.correct = self.conf = self.kl = self.agree = 0.0
+        self.bins = np.zeros((3, ECE_BINS))  # count, confidence sum, correct sum
+
+    def add(self, logq: torch.Tensor, labels: torch.Tensor, logp: torch.Tensor) -> None:
+        conf, top1 = logq.max(-1)
+        conf, right = conf.exp().double(), (top1 == labels).double()
+        self.n += labels.numel()
+        self.nll -= float(logq.gather(1, labels[:, None]).sum())
+        self.correct += float(right.sum())
+        self.conf += float(conf.sum())
+        self.kl += float((logp.exp() * (logp - logq)).sum())
+        self.agree += float((top1 == logp.argmax(-1)).sum())
+        b = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
+        for i, w in enumerate((None, conf, right)):
+            self.bins[i] += torch.bincount(b, weights=w, minlength=ECE_BINS).numpy()
+
+    def result(self) -> dict:
+        n = self.n
+        return {"lm_loss": self.nll / n, "kl_to_teacher": self.kl / n,
+                "ece": float(np.abs(self.bins[1] - self.bins[2]).sum() / n),
+                "top1_agreement": self.agree / n, "accuracy": self.correct / n,
+                "confidence": self.conf / n, "overconfidence": (self.conf - self.correct) / n}
 
 
 @torch.no_grad()
-def evaluate(student, batch, teacher_logp: torch.Tensor) -> dict:
-    """LM loss, ECE, accuracy (our eval) + exact KL and top-1 agreement vs the teacher."""
-    out = summarize(evaluate_batch(student, batch.input_ids, batch.labels, None))
-    hidden = last_hidden(student, batch.input_ids)
-    head = student.get_output_embeddings()
-    keep = batch.labels.reshape(-1) != IGNORE
-    kl, agree, n = 0.0, 0, 0
-    for i in range(0, hidden.shape[0], 256):
-        k = keep[i:i + 256]
-        logq = torch.log_softmax(head(hidden[i:i + 256][k]).float(), -1)
-        logp = teacher_logp[i:i + 256][k].float()
-        kl += float((logp.exp() * (logp - logq)).sum())
-        agree += int((logq.argmax(-1) == logp.argmax(-1)).sum())
-        n += int(k.sum())
-    out.update(kl_to_teacher=kl / n, top1_agreement=agree / n)
+def evaluate(model, rows: PackedBatch, teacher_logp: torch.Tensor, *, limit: int | None = None,
+             chunk_rows: int = 8) -> dict:
+    """Metrics of `model` (None: the teacher itself) on the first `limit` held-out rows."""
+    meter, seq = Meter(), rows.input_ids.shape[1]
+    n_rows = rows.input_ids.shape[0] if limit is None else limit
+    for s in range(0, n_rows, chunk_rows):
+        ids = rows.input_ids[s:min(s + chunk_rows, n_rows)]
+        labels = rows.labels[s:s + ids.shape[0]].reshape(-1)
+        hidden = None if model is None else last_hidden(model, ids)
+        for i in range(0, labels.numel(), 512):
+            keep = labels[i:i + 512] != IGNORE
+            at = s * seq + i
+            logp = teacher_logp[at:at + keep.numel()][keep].float()
+            logq = logp if model is None else torch.log_softmax(
+                model.get_output_embeddings()(hidden[i:i + 512][keep]).float(), -1)
+            meter.add(logq, labels[i:i + 512][keep], logp)
+    return meter.result()
+
+
+def paired(runs: dict, name: str, metric: str, ref: str = REFERENCE) -> dict | None:
+    """name - ref per seed (paired by data order): mean, 95 % t interval, p, significance."""
+    a = {r["seed"]: r["final"][metric] for r in runs.get(name, [])}
+    b = {r["seed"]: r["final"][metric] for r in runs.get(ref, [])}
+    seeds = sorted(set(a) & set(b))
+    if name == ref or not seeds:
+        return None
+    d = np.array([a[s] - b[s] for s in seeds])
+    out = {"seeds": seeds, "per_seed": d.tolist(), "mean": float(d.mean())}
+    if len(d) < 2 or np.all(d == d[0]):
+        out.update(ci95=[float("nan")] * 2, p=float("nan"), significant=False,
+                   seeds_agree=bool(len(d) > 0 and (np.all(d > 0) or np.all(d < 0))))
+        return out
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    lo, hi = out["mean"] - half, out["mean"] + half
+    out.update(ci95=[lo, hi], p=float(stats.ttest_1samp(d, 0.0).pvalue),
+               significant=bool(lo > 0 or hi < 0),
+               seeds_agree=bool(np.all(d > 0) or np.all(d < 0)))
     return out
+
+
+def summarize_runs(runs: dict) -> dict:
+    """Per method: mean/sd of final metrics over seeds, the paired differences to RS-12,
+    and the gap covered when the CE -> FullKD difference is clearly resolved."""
+    out: dict = {"methods": {}, "paired": {}}
+    for name, rs in runs.items():
+        row = {"seeds": [r["seed"] for r in rs]}
+        for key in (*METRICS, "accuracy", "confidence"):
+            vals = np.array([r["final"][key] for r in rs])
+            row[key], row[f"{key}_sd"] = float(vals.mean()), float(vals.std(ddof=1)) \
+                if len(vals) > 1 else float("nan")
+        row["tokens_per_s"] = float(np.mean([r["tokens_per_s"] for r in rs]))
+        out["methods"][name] = row
+        out["paired"][name] = {m: paired(runs, name, m) for m in METRICS}
+    ce_full = paired(runs, "ce", "lm_loss", ref="fullkd")
+    resolved = bool(ce_full and len(ce_full["per_seed"]) > 1 and ce_full["mean"] >=
+                    5 * np.std(ce_full["per_seed"], ddof=1))
+    out["ce_minus_fullkd"] = ce_full
+    out["gap_resolved"] = resolved
+    ce = out["methods"]["ce"]["lm_loss"]
+    full = out["methods"]["fullkd"]["lm_loss"]
+    for name, row in out["methods"].items():
+        row["gap"] = (ce - row["lm_loss"]) / (ce - full) if resolved else float("nan")
+    return out
+
+
+# ---------------------------------------------------------------------------- students
+
+
+def base_student(backend, args, train: TokenCorpus) -> tuple[torch.nn.Module, dict]:
+    """The initial student every run copies: pruned from the teacher, or a preset."""
+    if not args.student.startswith("pruned:"):
+        return build_student(preset=args.student, vocab_size=backend.vocab_size,
+                             init_seed=0), {"kind": "from scratch", "preset": args.student}
+    from logitcast.trainer.prune import PruneSpec, calibration_rows, prune
+
+    layers = int(args.student.split(":", 1)[1])
+    calib = calibration_rows(train, 8, args.seq_len)
+    pruned = prune(copy.deepcopy(backend.model), PruneSpec(layers=layers), calib)
+    model = pruned.model.float().train().requires_grad_(True)
+    # The teacher's embedding and (tied) LM head stay frozen: only blocks and norms train.
+    model.get_input_embeddings().weight.requires_grad_(False)
+    model.get_output_embeddings().weight.requires_grad_(False)
+    return model, {"kind": "pruned from the teacher", "layers": layers,
+                   "kept_layers": pruned.plan.layers, "frozen": "embedding + tied LM head"}
 
 
 def schedules(name: str, spec_name: str | None, steps: int, args):
     """(alpha(step), lr(step)): PD's WSD pair for pd_better, else constant alpha + cosine LR."""
     warm = round(0.1 * steps)
-
     if name == "pd_better":
         def alpha(s):
             return alpha_at(s, "wsd", total_steps=steps, peak=0.9, warmup_steps=warm,
@@ -174,110 +329,158 @@ def schedules(name: str, spec_name: str | None, steps: int, args):
     return constant_alpha, cosine_lr
 
 
-def train_student(name: str, seed: int, args, packer, eval_batch, teacher_logp, backend,
-                  sources: dict) -> dict:
+def train_student(name: str, seed: int, args, base, pool, heldout, teacher_logp, backend,
+                  filled, sources, start_metrics) -> dict:
     spec_name, kd = STUDENTS[name]
-    student = build_student(preset=args.student, vocab_size=backend.vocab_size,
-                            init_seed=seed)
+    student = copy.deepcopy(base)
     decay, rest = [], []
     for p in student.parameters():
-        (decay if p.dim() >= 2 else rest).append(p)
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else rest).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": rest, "weight_decay": 0.0}], lr=0.0, betas=(0.9, 0.95))
-    steps, seq = args.steps, args.seq_len
+    steps, batch = args.steps, args.batch
     alpha_of, lr_of = schedules(name, spec_name, steps, args)
-    config = KDConfig(ignore_index=IGNORE, seq_len=seq, **(kd or {}))
-    curve, seconds = [], 0.0
-    for step in range(steps + 1):
-        if step % args.eval_every == 0 or step == steps:
-            curve.append({"step": step, **evaluate(student, eval_batch, teacher_logp)})
-        if step == steps:
-            break
-        batch = packer.batch(step)
+    config = KDConfig(ignore_index=IGNORE, seq_len=args.seq_len, **(kd or {}))
+    curve, seconds = [{"step": 0, **start_metrics}], 0.0
+    for step in range(steps):
+        b = order(pool, seed, step, batch)
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_of(step)
         alpha = alpha_of(step)
         if spec_name == "full":
             with torch.no_grad():
-                h = backend.hidden_states(batch.input_ids)
+                h = torch.stack([filled["hidden"][k] for k in b.row_keys])
                 t_logits = backend.logits(h.reshape(-1, h.shape[-1]))
-            logits = student(batch.input_ids).logits.reshape(-1, t_logits.shape[-1])
-            loss, _ = full_kd_loss(logits, t_logits, batch.labels.reshape(-1), alpha=alpha,
+            logits = student(b.input_ids).logits.reshape(-1, t_logits.shape[-1])
+            loss, _ = full_kd_loss(logits, t_logits, b.labels.reshape(-1), alpha=alpha,
                                    ignore_index=IGNORE)
         else:
-            targets = None if spec_name is None else sources[spec_name].fetch(batch).targets
-            loss, _ = student_loss(student, batch.input_ids, batch.labels, targets,
-                                   alpha=alpha, config=config)
+            targets = None if spec_name is None else sources[spec_name].fetch(b).targets
+            loss, _ = student_loss(student, b.input_ids, b.labels, targets, alpha=alpha,
+                                   config=config)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(decay + rest, 1.0)
         opt.step()
         seconds += time.perf_counter() - t0
-    final = curve[-1]
-    print(f"  {name:>10} seed {seed}: held-out LM {final['lm_loss']:.3f}, KL "
-          f"{final['kl_to_teacher']:.3f}, ECE {final['ece']:.4f}, top-1 "
-          f"{final['top1_agreement']:.3f} ({steps * packer.config.global_batch * seq / seconds:.0f}"
-          f" tok/s)", flush=True)
-    return {"curve": curve, "final": final, "params": num_parameters(student),
-            "tokens_per_s": steps * packer.config.global_batch * seq / seconds}
+        if (step + 1) % args.eval_every == 0 and step + 1 < steps:
+            student.eval()
+            curve.append({"step": step + 1, **evaluate(student, heldout, teacher_logp,
+                                                       limit=args.curve_rows)})
+            student.train()
+    student.eval()
+    final = evaluate(student, heldout, teacher_logp)
+    curve.append({"step": steps, **evaluate(student, heldout, teacher_logp,
+                                            limit=args.curve_rows)})
+    tok_s = steps * batch * args.seq_len / seconds
+    print(f"  {name:>10} seed {seed}: held-out LM {final['lm_loss']:.4f}, KL "
+          f"{final['kl_to_teacher']:.4f}, ECE {final['ece']:.4f}, top-1 "
+          f"{final['top1_agreement']:.3f}, over-conf {final['overconfidence']:+.4f} "
+          f"({tok_s:.0f} tok/s)", flush=True)
+    return {"name": name, "seed": seed, "final": final, "curve": curve, "tokens_per_s": tok_s,
+            "params": num_parameters(student),
+            "trainable_params": sum(p.numel() for p in decay + rest)}
 
 
-def summarize_runs(runs: dict) -> dict:
-    """Per student: mean and spread (max - min over seeds) of the final metrics, and gaps."""
-    out = {}
-    ce = np.mean([r["final"]["lm_loss"] for r in runs["ce"]])
-    full = np.mean([r["final"]["lm_loss"] for r in runs["fullkd"]])
-    for name, rs in runs.items():
-        row = {}
-        for key in ("lm_loss", "ece", "top1_agreement", "kl_to_teacher"):
-            vals = [r["final"][key] for r in rs]
-            row[key] = float(np.mean(vals))
-            row[f"{key}_spread"] = float(np.max(vals) - np.min(vals))
-        gaps = [(ce - r["final"]["lm_loss"]) / (ce - full) if ce != full else float("nan")
-                for r in rs]
-        row["gap"] = float(np.mean(gaps))
-        row["gap_spread"] = float(np.max(gaps) - np.min(gaps))
-        row["tokens_per_s"] = float(np.mean([r["tokens_per_s"] for r in rs]))
-        out[name] = row
-    return out
+# ---------------------------------------------------------------------------- report
+
+
+def _fmt_paired(d: dict | None, digits: int = 4) -> str:
+    if d is None:
+        return "—"
+    lo, hi = d["ci95"]
+    mark = " **✓**" if d["significant"] else ""
+    agree = "" if d["seeds_agree"] else " (seeds disagree)"
+    return f"{d['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{mark}{agree}"
 
 
 def markdown(summary: dict, meta: dict) -> str:
-    lines = [f"# Distillation quality ({meta['teacher']}, {meta['steps']} steps x "
-             f"{meta['tokens_per_step']} tokens, {meta['student']} students, seeds "
-             f"{meta['seeds']})", "",
-             "| student | held-out LM loss | gap covered | ECE | top-1 agreement | "
-             "KL(T‖S) | tok/s |", "|---|---|---|---|---|---|---|"]
-    for name, r in summary.items():
-        lines.append(f"| {name} | {r['lm_loss']:.4f} ± {r['lm_loss_spread'] / 2:.4f} | "
-                     f"{100 * r['gap']:.0f}% ± {100 * r['gap_spread'] / 2:.0f} | "
-                     f"{r['ece']:.4f} | {r['top1_agreement']:.3f} | {r['kl_to_teacher']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} |")
-    lines += ["", "± is half the spread (max - min) over seeds; gap = (CE - x) / (CE - FullKD) "
-              "on held-out LM loss."]
+    m, teacher = summary["methods"], meta["teacher_metrics"]
+    lines = [f"# Distillation quality ({meta['teacher']}; students {meta['student']['kind']}"
+             f", {meta['student_params'] / 1e6:.1f}M params, "
+             f"{meta['trainable_params'] / 1e6:.1f}M trained; {meta['steps']} steps x "
+             f"{meta['tokens_per_step']} tokens; {meta['heldout_rows']} held-out rows)", "",
+             "## Final held-out metrics (mean ± sd over seeds)", "",
+             "| model | seeds | LM loss | KL(T‖S) | ECE | top-1 agreement | conf − acc | "
+             "gap covered | tok/s |", "|---|---|---|---|---|---|---|---|---|",
+             f"| teacher (floor) | – | {teacher['lm_loss']:.4f} | 0 | {teacher['ece']:.4f} | 1 | "
+             f"{teacher['overconfidence']:+.4f} | – | – |",
+             f"| start (pruned, untrained) | – | {meta['start_metrics']['lm_loss']:.4f} | "
+             f"{meta['start_metrics']['kl_to_teacher']:.4f} | {meta['start_metrics']['ece']:.4f}"
+             f" | {meta['start_metrics']['top1_agreement']:.3f} | "
+             f"{meta['start_metrics']['overconfidence']:+.4f} | – | – |"]
+    for name, r in m.items():
+        gap = "n/a" if np.isnan(r["gap"]) else f"{100 * r['gap']:.0f}%"
+        lines.append(
+            f"| {name} | {len(r['seeds'])} | {r['lm_loss']:.4f} ± {r['lm_loss_sd']:.4f} | "
+            f"{r['kl_to_teacher']:.4f} ± {r['kl_to_teacher_sd']:.4f} | {r['ece']:.4f} ± "
+            f"{r['ece_sd']:.4f} | {r['top1_agreement']:.4f} | {r['overconfidence']:+.4f} | "
+            f"{gap} | {r['tokens_per_s']:.0f} |")
+    cf = summary["ce_minus_fullkd"]
+    lines += ["", f"CE − FullKD on LM loss, paired: {_fmt_paired(cf)}; gap covered = "
+              f"(CE − x) / (CE − FullKD) is reported only when that difference is ≥ 5× its sd "
+              f"over seeds: {'yes' if summary['gap_resolved'] else 'no, so n/a'}.", "",
+              f"## Paired differences to RS-12 (method − RS-12, per seed; mean [95 % t "
+              f"interval]; **✓** = significant)", "",
+              "Positive LM loss / KL / ECE / |conf − acc| differences mean RS-12 is better; "
+              "for top-1 agreement negative does.", "",
+              "| method | seeds | Δ LM loss | Δ KL(T‖S) | Δ ECE | Δ top-1 agreement | "
+              "Δ conf − acc |", "|---|---|---|---|---|---|---|"]
+    for name, ds in summary["paired"].items():
+        if ds["lm_loss"] is None:
+            continue
+        lines.append(f"| {name} | {len(ds['lm_loss']['seeds'])} | " +
+                     " | ".join(_fmt_paired(ds[k]) for k in METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: dict, path: Path) -> None:
+def plot(runs: dict, summary: dict, path: Path, curve_rows: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for key, ax in zip(("lm_loss", "kl_to_teacher", "ece"), axes):
-        for name, rs in runs.items():
-            steps = [c["step"] for c in rs[0]["curve"]]
-            mean = np.mean([[c[key] for c in r["curve"]] for r in rs], axis=0)
-            ax.plot(steps, mean, marker=".", label=name)
-        ax.set_title(f"held-out {key}")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    for name, rs in runs.items():
+        steps = [c["step"] for c in rs[0]["curve"]]
+        mean = np.mean([[c["lm_loss"] for c in r["curve"]] for r in rs], axis=0)
+        axes[0].plot(steps, mean, marker=".", label=name)
+    axes[0].set_title(f"held-out LM loss (first {curve_rows} rows), mean over seeds")
+    axes[0].set_xlabel("step")
+    axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
+    for ax, key in zip(axes[1:], ("lm_loss", "ece")):
+        names = [n for n, ds in summary["paired"].items() if ds[key] is not None]
+        means = [summary["paired"][n][key]["mean"] for n in names]
+        errs = [summary["paired"][n][key]["mean"] - summary["paired"][n][key]["ci95"][0]
+                for n in names]
+        ax.barh(names, means, xerr=np.nan_to_num(errs), color=[
+            "tab:green" if summary["paired"][n][key]["significant"] else "tab:gray"
+            for n in names])
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(f"{key}: method − RS-12, paired, 95 % CI (green: significant)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def load_progress(path: Path) -> dict:
+    done: dict = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill: that run reruns
+                continue
+            done[(r["name"], r["seed"])] = r
+    return done
 
 
 def main() -> None:
@@ -285,19 +488,28 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--corpus", default=None, help="text directory, text file or JSONL")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--seeds", default=None, help="comma-separated student init seeds")
-    p.add_argument("--student", default=None, help="student preset (default tiny-16m)")
-    p.add_argument("--only", default=None, help="comma-separated students to run")
+    p.add_argument("--seeds", default=None, help="data-order seeds of the paired core")
+    p.add_argument("--extra-seeds", default=None, help="data-order seeds of the other methods")
+    p.add_argument("--student", default=None,
+                   help="pruned:N (N teacher blocks kept; default pruned:4) or a preset "
+                        "trained from scratch (tiny-16m, ...)")
+    p.add_argument("--only", default=None, help="comma-separated methods to run")
+    p.add_argument("--fresh", action="store_true", help="ignore finished runs of this config")
     args = p.parse_args()
     q = args.quick
-    args.steps = args.steps or (6 if q else 120)
-    seeds = [int(s) for s in (args.seeds or ("0" if q else "0,1")).split(",")]
-    args.student = args.student or ("tiny-7m" if q else "tiny-16m")
-    args.seq_len, batch = (64, 2) if q else (256, 4)
-    args.eval_every = 3 if q else 20
-    args.lr, args.alpha = 3e-3, 0.5
+    args.steps = args.steps or (6 if q else 100)
+    seeds = [int(s) for s in (args.seeds or ("0,1" if q else "0,1,2,3,4")).split(",")]
+    extra = [int(s) for s in (args.extra_seeds or ("0" if q else "0,1")).split(",")]
+    args.student = args.student or "pruned:4"
+    args.seq_len, args.batch = (64, 2) if q else (256, 2)
+    rows, args.curve_rows = (8, 4) if q else (128, 16)
+    args.eval_every = 3 if q else 25
+    args.lr, args.alpha = 3e-4, 0.5
     names = args.only.split(",") if args.only else list(STUDENTS)
-    for needed in ("ce", "fullkd"):
+    unknown = sorted(set(names) - set(STUDENTS))
+    if unknown:
+        p.error(f"--only: unknown methods {unknown}; known: {list(STUDENTS)}")
+    for needed in ("ce", "fullkd", REFERENCE):
         if needed not in names:
             names.insert(0, needed)
     logging.basicConfig(level=logging.WARNING)
@@ -305,52 +517,87 @@ def main() -> None:
 
     from logitcast.server.backends import TransformersBackend
 
+    config = {"version": 2, "steps": args.steps, "student": args.student, "seq": args.seq_len,
+              "batch": args.batch, "rows": rows, "corpus": args.corpus, "lr": args.lr,
+              "alpha": args.alpha, "quick": q}
+    tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    progress = PROGRESS / f"runs-{tag}.jsonl"
+    if args.fresh:
+        progress.unlink(missing_ok=True)
+    done = load_progress(progress)
     work = Path(tempfile.mkdtemp(prefix="lc-quality-"))
+    t_start = time.perf_counter()
     try:
         train, heldout, fingerprint = tokenize(args.corpus, work, q)
+        pool = row_pool(train, args.steps, args.batch, args.seq_len)
+        held = heldout_rows(heldout, rows, args.seq_len)
         backend = TransformersBackend.from_pretrained("default", dtype="fp32")
-        packer = Packer(train, PackingConfig(seq_len=args.seq_len, global_batch=batch))
-        eval_batch = Packer(heldout, PackingConfig(seq_len=args.seq_len,
-                                                   global_batch=2 if q else 8)).batch(0)
+        base, student_meta = base_student(backend, args, train)
         print(f"corpus: {train.num_tokens} train tokens, {heldout.num_tokens} held out; "
-              f"{args.steps} steps x {batch * args.seq_len} tokens per student", flush=True)
-        filled = fill_cache(backend, packer, args.steps, work / "cache", fingerprint)
-        print(f"teacher targets for {len(SPECS)} specs cached in {filled['seconds']:.0f}s",
-              flush=True)
-        teacher_logp = teacher_eval_logprobs(backend, eval_batch)
+              f"{args.steps} steps x {args.batch * args.seq_len} tokens per student; "
+              f"student {student_meta}", flush=True)
+        filled = fill_cache(backend, pool, args.batch, work / "cache", fingerprint)
+        teacher_logp = teacher_logprobs(backend, held)
+        teacher_metrics = evaluate(None, held, teacher_logp)
+        base.eval()
+        start_full = evaluate(base, held, teacher_logp)
+        start_curve = evaluate(base, held, teacher_logp, limit=args.curve_rows)
+        base.train()
+        print(f"teacher targets for {len(SPECS)} specs in {filled['seconds']:.0f}s; teacher "
+              f"held-out LM {teacher_metrics['lm_loss']:.4f}; untrained student "
+              f"{start_full['lm_loss']:.4f}", flush=True)
         sources = {name: CacheSource(work / "cache", ns, prefetch=1)
                    for name, ns in filled["namespaces"].items()}
         runs: dict[str, list] = {name: [] for name in names}
-        t0 = time.perf_counter()
-        for seed in seeds:
+        PROGRESS.mkdir(parents=True, exist_ok=True)
+        for i in range(max(seeds + extra) + 1):
             for name in names:
-                runs[name].append(train_student(name, seed, args, packer, eval_batch,
-                                                teacher_logp, backend, sources))
+                if i not in (seeds if name in CORE else extra):
+                    continue
+                if (name, i) in done:
+                    runs[name].append(done[(name, i)])
+                    continue
+                r = train_student(name, i, args, base, pool, held, teacher_logp, backend,
+                                  filled, sources, start_curve)
+                with progress.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+                runs[name].append(r)
         for s in sources.values():
             s.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = summarize_runs(runs)
+    first = next(iter(runs.values()))[0]
     suffix = "-quick" if q else ""
-    meta = {"teacher": backend.teacher_id, "steps": args.steps, "student": args.student,
-            "tokens_per_step": batch * args.seq_len, "seeds": seeds,
+    meta = {"teacher": backend.teacher_id, "steps": args.steps, "student": student_meta,
+            "student_params": first["params"], "trainable_params": first["trainable_params"],
+            "tokens_per_step": args.batch * args.seq_len, "seq_len": args.seq_len,
+            "seeds": seeds, "extra_seeds": extra, "heldout_rows": rows,
             "corpus": args.corpus or "python stdlib source", "alpha": args.alpha,
-            "peak_lr": args.lr, "train_seconds": time.perf_counter() - t0,
-            "cache_fill_seconds": filled["seconds"]}
+            "peak_lr": args.lr, "teacher_metrics": teacher_metrics,
+            "start_metrics": start_full, "seconds": time.perf_counter() - t_start,
+            "cache_fill_seconds": filled["seconds"], "progress_file": str(progress)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"quality{suffix}.md").write_text(markdown(summary, meta))
-    plot(runs, RESULTS / f"quality{suffix}.png")
-    path = write_results("quality", {"config": meta, "summary": summary,
-                                     "runs": {n: [{"final": r["final"], "curve": r["curve"]}
-                                                  for r in rs] for n, rs in runs.items()}},
+    plot(runs, summary, RESULTS / f"quality{suffix}.png", args.curve_rows)
+    path = write_results("quality", {"config": meta, "summary": summary, "runs": runs},
                          suffix=suffix)
     print(markdown(summary, meta))
     print(f"results: {path}")
-    keys = {"gap_rs12": ("rs12", "gap"), "gap_topk12": ("topk12", "gap"),
-            "gap_headtail": ("headtail", "gap"), "ece_rs12": ("rs12", "ece"),
-            "ece_topk12": ("topk12", "ece"), "ece_fullkd": ("fullkd", "ece")}
-    print("RESULT " + " ".join(f"{k}={summary[n][m]:.4f}" if n in summary else f"{k}=nan"
-                               for k, (n, m) in keys.items()))
+    pr, m = summary["paired"], summary["methods"]
+    sig = [k for k, metric in (("loss", "lm_loss"), ("ece", "ece"))
+           if pr["topk12"][metric] and pr["topk12"][metric]["significant"]
+           and pr["topk12"][metric]["mean"] > 0] if "topk12" in pr else []
+
+    def d(name: str, metric: str) -> float:
+        return pr[name][metric]["mean"] if name in pr and pr[name][metric] else float("nan")
+
+    print(f"RESULT seeds={len(seeds)} gap_rs12={m['rs12']['gap']:.4f} "
+          f"gap_topk12={m['topk12']['gap'] if 'topk12' in m else float('nan'):.4f} "
+          f"d_loss_topk12_vs_rs12={d('topk12', 'lm_loss'):.4f} "
+          f"d_ece_topk12_vs_rs12={d('topk12', 'ece'):.4f} "
+          f"d_loss_headtail_vs_rs12={d('headtail', 'lm_loss'):.4f} "
+          f"significant={'+'.join(sig) or 'none'}")
 
 
 if __name__ == "__main__":
