@@ -281,7 +281,7 @@ def summarize_runs(runs: dict) -> dict:
     out["gap_resolved"] = resolved
     ce = out["methods"]["ce"]["lm_loss"]
     full = out["methods"]["fullkd"]["lm_loss"]
-    for name, row in out["methods"].items():
+    for row in out["methods"].values():
         row["gap"] = (ce - row["lm_loss"]) / (ce - full) if resolved else float("nan")
     return out
 
@@ -422,8 +422,8 @@ def markdown(summary: dict, meta: dict) -> str:
     lines += ["", f"CE − FullKD on LM loss, paired: {_fmt_paired(cf)}; gap covered = "
               f"(CE − x) / (CE − FullKD) is reported only when that difference is ≥ 5× its sd "
               f"over seeds: {'yes' if summary['gap_resolved'] else 'no, so n/a'}.", "",
-              f"## Paired differences to RS-12 (method − RS-12, per seed; mean [95 % t "
-              f"interval]; **✓** = significant)", "",
+              "## Paired differences to RS-12 (method − RS-12, per seed; mean [95 % t "
+              "interval]; **✓** = significant)", "",
               "Positive LM loss / KL / ECE / |conf − acc| differences mean RS-12 is better; "
               "for top-1 agreement negative does.", "",
               "| method | seeds | Δ LM loss | Δ KL(T‖S) | Δ ECE | Δ top-1 agreement | "

@@ -1,14 +1,18 @@
 """`logitcast demo`: the whole system on this machine, with the real teacher, in minutes.
 
 1. tokenize a slice of the Python standard library source (train and held-out files);
-2. start a teacher server (`logitcast serve`, the embedded SmolLM2-135M) on loopback,
+2. prune two students from the teacher (`logitcast prune`): A keeps its 4 most important
+   blocks, the smaller B 2; both keep the teacher's embedding and tied LM head, frozen
+   (`--from-scratch` trains randomly initialised presets instead);
+3. start a teacher server (`logitcast serve`, the embedded SmolLM2-135M) on loopback,
    teeing every target into a cache;
-3. train student A online on RS-12 targets streamed for its exact packed rows;
-4. stop the server (it drains and flushes the tee), then train a smaller student B
-   offline from the cache, with no teacher anywhere;
-5. train a CE-only baseline, the same size as A, on the same rows and budget;
-6. print a table (held-out LM loss, KL to the teacher, ECE, top-1 agreement, tok/s,
-   bytes/token) and write a PNG of the eval curves.
+4. train student A online on RS-12 targets streamed for its exact packed rows;
+5. stop the server (it drains and flushes the tee), then train B offline from the
+   cache, with no teacher anywhere;
+6. train a CE-only baseline from A's initialisation, on the same rows and budget;
+7. print a table (held-out LM loss, KL to the teacher, ECE, top-1 agreement, tok/s,
+   bytes/token) with the teacher's own held-out loss as the floor and the untrained
+   students' as the start, and write a PNG of the eval curves.
 Every student is evaluated on the same held-out rows against the same teacher targets
 (head_tail, read from the cache for B and the baseline).
 """
@@ -26,13 +30,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
     p.add_argument("--files", type=int, default=30, help="stdlib source files to train on")
     p.add_argument("--heldout-files", type=int, default=4, help="further files held out")
-    p.add_argument("--steps", type=int, default=80, help="optimizer steps per student")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per student")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=4, help="rows per step")
-    p.add_argument("--student", default="tiny-16m", help="preset of student A and the baseline")
-    p.add_argument("--small-student", default="tiny-7m", help="preset of offline student B")
-    p.add_argument("--alpha", type=float, default=0.9, help="KD weight of the KD students")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine)")
+    p.add_argument("--layers", type=int, default=4,
+                   help="teacher blocks pruned student A and the baseline keep")
+    p.add_argument("--small-layers", type=int, default=2,
+                   help="teacher blocks the offline student B keeps")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="random-init presets (--student, --small-student) instead of students "
+                        "pruned from the teacher: they stay near a unigram model at this budget")
+    p.add_argument("--student", default="tiny-16m",
+                   help="with --from-scratch: preset of student A and the baseline")
+    p.add_argument("--small-student", default="tiny-7m",
+                   help="with --from-scratch: preset of offline student B")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="KD weight of the KD students (default 0.5 pruned, 0.9 from scratch)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate, cosine (default 5e-4 pruned, 3e-3 from scratch)")
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-rows", type=int, default=8)
     p.add_argument("--teacher-threads", type=int, default=0,
@@ -49,7 +64,7 @@ def _train(name: str, overrides: dict, base: dict):
     with Trainer(config) as trainer:
         port = f", metrics http://127.0.0.1:{trainer.metrics_port}/metrics" \
             if trainer.metrics_port else ""
-        print(f"    {name}: {config.student.preset} ({trainer.num_parameters / 1e6:.1f}M "
+        print(f"    {name}: {_student_name(config)} ({trainer.num_parameters / 1e6:.1f}M "
               f"parameters), targets from {config.teacher.source}{port}", flush=True)
         final = trainer.run()
         received = trainer.metrics.client.received_bytes._value.get()
@@ -57,7 +72,30 @@ def _train(name: str, overrides: dict, base: dict):
     speeds = [r["tokens_per_s"] for r in log if r["kind"] == "train"][1:]
     return {"name": name, "final": final, "log": log, "received": received,
             "tok_s": sum(speeds) / max(len(speeds), 1), "seconds": time.perf_counter() - t0,
-            "preset": config.student.preset, "params": trainer.num_parameters}
+            "student": _student_name(config), "params": trainer.num_parameters}
+
+
+def _student_name(config) -> str:
+    return Path(config.student.path).name if config.student.path else config.student.preset
+
+
+def _prune(work: Path, name: str, layers: int) -> Path:
+    """`logitcast prune --layers N` of the embedded teacher, calibrated on the train split."""
+    from logitcast.cli.main import main as cli
+
+    out = work / "students" / name
+    argv = ["prune", "--teacher", "default", "--layers", str(layers), "--calibration",
+            str(work / "tokens"), "--out", str(out), "--force"]
+    print(f"    logitcast {' '.join(argv)}", flush=True)
+    if cli(argv) != 0:
+        raise SystemExit(f"logitcast demo: pruning {name} failed (see above)")
+    return out
+
+
+def _closed(student: dict, baseline: dict, floor: float) -> float:
+    """The fraction of the baseline's held-out loss above the teacher's that `student` removes."""
+    above = baseline["lm_loss"] - floor
+    return (baseline["lm_loss"] - student["lm_loss"]) / above if above > 0 else float("nan")
 
 
 def _namespace_bytes_per_token(cache: Path, spec: dict, seq_len: int) -> float:
@@ -116,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
     work = args.workdir
-    for sub in ("cache", "runs", "tokens", "heldout"):
+    for sub in ("cache", "runs", "tokens", "heldout", "students"):
         shutil.rmtree(work / sub, ignore_errors=True)
     t0 = time.perf_counter()
     tok, fingerprint, vocab = load_tokenizer("default")  # also builds the teacher cache once
@@ -126,9 +164,25 @@ def run(args: argparse.Namespace) -> int:
     tokenize_sources(held, work / "heldout", tok, fingerprint, vocab_size=vocab)
     train, heldout = TokenCorpus(work / "tokens"), TokenCorpus(work / "heldout")
     need = args.steps * args.batch * args.seq_len
-    print(f"[1/6] corpus: {train.num_documents} stdlib files, {train.num_tokens} tokens for "
+    print(f"[1/7] corpus: {train.num_documents} stdlib files, {train.num_tokens} tokens for "
           f"training ({need} per student), {heldout.num_tokens} held out "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    pruned = not args.from_scratch
+    alpha = args.alpha if args.alpha is not None else (0.5 if pruned else 0.9)
+    lr = args.lr if args.lr is not None else (5e-4 if pruned else 3e-3)
+    if pruned:
+        print(f"[2/7] students pruned from the teacher: A and the baseline keep {args.layers} "
+              f"blocks, B {args.small_layers}", flush=True)
+        student_a = {"student.path": str(_prune(work, "a", args.layers)),
+                     "student.freeze_embeddings": True}
+        student_b = {"student.path": str(_prune(work, "b", args.small_layers)),
+                     "student.freeze_embeddings": True}
+    else:
+        print(f"[2/7] students from scratch: A and the baseline {args.student}, B "
+              f"{args.small_student}", flush=True)
+        student_a, student_b = {"student.preset": args.student}, \
+            {"student.preset": args.small_student}
 
     cache = (work / "cache").resolve()
     # On a CPU the teacher and student A share the cores; the student mostly waits on
@@ -141,21 +195,20 @@ def run(args: argparse.Namespace) -> int:
          "--replica-id", "demo", "--device", device, "--drain-grace-s", "30",
          "--dtype", "fp32" if device == "cpu" else "bf16"],  # bf16 matmuls are slow on CPUs
         work / "server.log", threads=teacher_threads)
-    print(f"[2/6] teacher {info.teacher_id} serving on {address} ({device}); teeing into "
+    print(f"[3/7] teacher {info.teacher_id} serving on {address} ({device}); teeing into "
           f"{cache}; metrics http://127.0.0.1:{server_metrics}/metrics", flush=True)
 
     rs12 = {"method": "sample", "unique": 12.0}
     base = {"steps": args.steps, "data.train_tokens": str(work / "tokens"),
             "data.eval_tokens": str(work / "heldout"), "data.seq_len": args.seq_len,
-            "data.global_batch": args.batch, "student.preset": args.student,
+            "data.global_batch": args.batch, **student_a,
             "eval.every": args.eval_every, "eval.rows": args.eval_rows, "metrics_port": 0,
-            "optim.lr": {"name": "cosine", "peak": args.lr, "warmup_frac": 0.1,
-                         "floor": args.lr / 10},
-            "loss.alpha": {"name": "constant", "value": args.alpha}, "teacher.spec": rs12,
+            "optim.lr": {"name": "cosine", "peak": lr, "warmup_frac": 0.1, "floor": lr / 10},
+            "loss.alpha": {"name": "constant", "value": alpha}, "teacher.spec": rs12,
             "export_tokenizer": str(default_cache_dir())}
     results = []
     try:
-        print("[3/6] student A, online: RS-12 targets streamed from the teacher", flush=True)
+        print("[4/7] student A, online: RS-12 targets streamed from the teacher", flush=True)
         if device == "cpu":
             torch.set_num_threads(max(1, cores - teacher_threads))
         results.append(_train("A online RS-12", {
@@ -165,12 +218,12 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(cores)
         proc.send_signal(signal.SIGTERM)  # drain: finish in-flight work, flush the tee
         proc.wait(timeout=120)
-    print("[4/6] student B, offline: the same rows from the cache, no teacher running",
+    print("[5/7] student B, offline: the same rows from the cache, no teacher running",
           flush=True)
     results.append(_train("B offline RS-12", {
         "output_dir": str(work / "runs" / "offline"), "teacher.source": "cache",
-        "teacher.cache_dir": str(cache), "student.preset": args.small_student}, base))
-    print("[5/6] baseline: cross-entropy only, same rows and budget", flush=True)
+        "teacher.cache_dir": str(cache), **student_b}, base))
+    print("[6/7] baseline: cross-entropy only, same rows and budget", flush=True)
     results.append(_train("CE only", {
         "output_dir": str(work / "runs" / "ce"), "teacher.source": "none", "eval.source": "cache",
         "teacher.cache_dir": str(cache)}, base))
@@ -178,24 +231,35 @@ def run(args: argparse.Namespace) -> int:
     tokens = args.steps * args.batch * args.seq_len
     wire = results[0]["received"] / tokens
     on_disk = _namespace_bytes_per_token(cache, rs12, args.seq_len)
-    print(f"[6/6] results after {args.steps} steps x {args.batch} x {args.seq_len} tokens "
+    print(f"[7/7] results after {args.steps} steps x {args.batch} x {args.seq_len} tokens "
           f"({time.perf_counter() - t0:.0f}s in all)\n")
-    head = f"{'student':<18}{'params':>8}{'heldout LM':>12}{'KL(T||S)':>10}{'ECE':>8}" \
-           f"{'top1 agree':>12}{'tok/s':>8}{'bytes/tok':>11}"
+    head = f"{'student':<18}{'params':>8}{'start LM':>10}{'heldout LM':>12}{'KL(T||S)':>10}" \
+           f"{'ECE':>8}{'top1 agree':>12}{'tok/s':>8}{'bytes/tok':>11}"
     print(head)
     print("-" * len(head))
+    floor = results[0]["final"].get("teacher_lm_loss")
+    if floor is not None:  # the teacher's own loss on the same held-out rows
+        print(f"{'teacher (floor)':<18}{'':>8}{'':>10}{floor:>12.3f}"
+              f"{0.0:>10.3f}{'':>8}{1.0:>12.3f}{'':>8}{'':>11}")
     bytes_col = [f"{wire:.1f} wire", f"{on_disk:.1f} disk", "0"]
     for r, b in zip(results, bytes_col):
         f = r["final"]
         kl, agree = f.get("kl_to_teacher"), f.get("top1_agreement")
-        print(f"{r['name']:<18}{r['params'] / 1e6:>7.1f}M{f['lm_loss']:>12.3f}"
+        start = next((e["lm_loss"] for e in r["log"] if e["kind"] == "eval"), float("nan"))
+        print(f"{r['name']:<18}{r['params'] / 1e6:>7.1f}M{start:>10.3f}{f['lm_loss']:>12.3f}"
               f"{kl if kl is not None else float('nan'):>10.3f}{f['ece']:>8.3f}"
               f"{agree if agree is not None else float('nan'):>12.3f}{r['tok_s']:>8.0f}"
               f"{b:>11}")
+    a, ce = results[0]["final"], results[2]["final"]
+    if floor is not None:
+        print(f"\nA (distilled) closes {_closed(a, ce, floor):.0%} of the baseline's distance to "
+              f"the teacher's loss ({ce['lm_loss'] - a['lm_loss']:+.3f} nats vs CE, "
+              f"{a['lm_loss'] - floor:.3f} above the floor)")
     plot = work / "eval_curves.png"
     summary = {"steps": args.steps, "tokens_per_student": tokens, "device": device,
                "wire_bytes_per_token": wire, "cache_bytes_per_token": on_disk,
-               "students": [{k: r[k] for k in ("name", "preset", "params", "final", "tok_s",
+               "teacher_lm_loss": floor, "pruned": pruned,
+               "students": [{k: r[k] for k in ("name", "student", "params", "final", "tok_s",
                                                "seconds")} for r in results]}
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\neval curves: {plot if _plot(results, plot) else '(matplotlib missing: no plot)'}")

@@ -90,6 +90,9 @@ class Trainer:
         student = build_student(preset=c.student.preset, path=c.student.path,
                                 vocab_size=self.vocab, max_seq_len=c.student.max_seq_len,
                                 init_seed=c.student.init_seed)
+        if c.student.freeze_embeddings:
+            student.get_input_embeddings().weight.requires_grad_(False)
+            student.get_output_embeddings().weight.requires_grad_(False)
         self.num_parameters = num_parameters(student)
         ds = self._deepspeed_config()
         self.zero_stage = ds.get("zero_optimization", {}).get("stage", 0)

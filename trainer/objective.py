@@ -101,13 +101,14 @@ def evaluate_batch(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
     bin_n / bin_conf / bin_correct; with targets also n_teacher, kl (KL(teacher || student)
     estimated without bias as -H_teacher - sum_k w_k log p_s(k): it needs targets whose
     weights estimate the whole distribution at temperature 1 and the entropy extra, else
-    NaN) and agree (student top-1 == teacher top-1, exact when targets have a head entry).
+    NaN), agree (student top-1 == teacher top-1, exact when targets have a head entry),
+    and n_teacher_lp / teacher_nll (the teacher's CE where targets carry a finite logprob).
     """
     hidden = last_hidden(model, input_ids, document_ids)
     head = model.get_output_embeddings()  # called as a module: ZeRO-3 gathers its weight
     flat = labels.reshape(-1)
     out = {k: torch.zeros((), dtype=torch.float64) for k in
-           ("n", "nll", "correct", "n_teacher", "kl", "agree")}
+           ("n", "nll", "correct", "n_teacher", "kl", "agree", "n_teacher_lp", "teacher_nll")}
     for k in ("bin_n", "bin_conf", "bin_correct"):
         out[k] = torch.zeros(ECE_BINS, dtype=torch.float64)
     for s in range(0, hidden.shape[0], chunk_size):
@@ -145,11 +146,17 @@ def evaluate_batch(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
             exact_first, ids[:, 0], ids.gather(1, torch.where(live, w, -1.0).argmax(1, keepdim=True))[:, 0])
         out["n_teacher"] += idx.numel()
         out["agree"] += (top1 == teacher_top1).sum()
+        if t.logprob is not None:  # the teacher's own CE on these positions: the floor
+            lp = t.logprob[idx].double()
+            known = torch.isfinite(lp)
+            out["n_teacher_lp"] += known.sum()
+            out["teacher_nll"] -= lp[known].sum()
     return out
 
 
 def summarize(sums: dict[str, torch.Tensor]) -> dict[str, float | None]:
-    """lm_loss, accuracy, ece, kl_to_teacher, top1_agreement from `evaluate_batch` sums."""
+    """lm_loss, accuracy, ece, kl_to_teacher, top1_agreement and teacher_lm_loss (the
+    teacher's own CE where its targets carry the label's log-prob) from `evaluate_batch`."""
     n = float(sums["n"])
     if n == 0:
         raise ValueError("no counted positions in the eval rows")
@@ -157,6 +164,8 @@ def summarize(sums: dict[str, torch.Tensor]) -> dict[str, float | None]:
     ece = float((bn > 0).double() @ (sums["bin_conf"] - sums["bin_correct"]).abs()) / n
     nt = float(sums["n_teacher"])
     kl = float(sums["kl"]) / nt if nt else None
+    n_lp = float(sums.get("n_teacher_lp", 0))
     return {"lm_loss": float(sums["nll"]) / n, "accuracy": float(sums["correct"]) / n,
             "ece": ece, "kl_to_teacher": kl if kl is None or kl == kl else None,
-            "top1_agreement": float(sums["agree"]) / nt if nt else None, "positions": int(n)}
+            "top1_agreement": float(sums["agree"]) / nt if nt else None, "positions": int(n),
+            "teacher_lm_loss": float(sums["teacher_nll"]) / n_lp if n_lp else None}

@@ -98,6 +98,10 @@ def test_eval_kl_estimate_is_the_exact_kl_for_full_targets(student):
     assert out["top1_agreement"] == pytest.approx(float(agree))
     assert out["lm_loss"] == pytest.approx(
         float(-logq.gather(-1, labels[..., None]).mean()), rel=1e-5)
+    # the targets carry the label's log-prob: the teacher's own held-out loss, the floor
+    assert out["teacher_lm_loss"] == pytest.approx(
+        float(-logp.gather(-1, labels[..., None]).mean()), rel=1e-5)
+    assert summarize(evaluate_batch(student, ids, labels, None))["teacher_lm_loss"] is None
 
 
 def test_eval_kl_from_sampled_targets_is_unbiased(student):

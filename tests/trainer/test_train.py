@@ -179,3 +179,30 @@ def test_document_mode_trains_online_and_from_cache_with_identical_losses(
     assert len(_losses(a)) == 3
     assert _losses(a) == _losses(b)
     assert _evals(a) == _evals(b)
+
+
+def test_frozen_embeddings_stay_the_initial_ones_while_the_blocks_train(
+        corpora, teacher, tmp_path):
+    """student.freeze_embeddings: the embedding and LM head are the loaded ones after the
+    run, the blocks are not, and AdamW holds no state for the frozen weights."""
+    from transformers import AutoModelForCausalLM
+
+    from logitcast.trainer import build_student
+
+    config = _in_process(corpora, tmp_path / "run", teacher, steps=3,
+                         **{"student.freeze_embeddings": True})
+    with Trainer(config) as t:
+        init = build_student(preset="micro", vocab_size=t.vocab)
+        final = t.run()
+        trained = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+        emb = t.engine.module.student.get_input_embeddings().weight
+        assert id(emb) not in trained
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    assert torch.equal(out.get_input_embeddings().weight, init.get_input_embeddings().weight)
+    assert torch.equal(out.get_output_embeddings().weight,
+                       init.get_output_embeddings().weight)
+    block = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(out.state_dict()[block], init.state_dict()[block])
+    # the eval rows' online targets carry the label log-prob: the teacher's own loss
+    assert final["teacher_lm_loss"] is not None
+    assert 0 < final["teacher_lm_loss"] < final["lm_loss"] + 5
