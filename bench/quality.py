@@ -30,10 +30,12 @@ applies the teacher's LM head per step. Every student is evaluated at the end on
 same >= 128 held-out rows (split by source file) against the exact teacher
 distribution: LM loss, KL(teacher || student), ECE, top-1 agreement, and mean
 confidence minus accuracy (the over-confidence the RS paper attributes to top-k). The
-teacher's own metrics on those rows are the floor. Finished runs are kept in
-.cache/quality/ and a rerun with the same configuration resumes after the last one.
+teacher's own metrics on those rows are the floor. Every finished run is appended to
+bench/results/quality-runs.jsonl: a rerun with the same configuration trains only the
+runs still missing, and --report rewrites the report from that file alone.
 
     python bench/quality.py [--quick] [--corpus PATH] [--steps N] [--seeds 0,1,2,3,4]
+                            [--report] [--fresh]
 
 Results: bench/results/quality.{json,md,png}. Last line:
 RESULT seeds=.. gap_rs12=.. gap_topk12=.. d_loss_topk12_vs_rs12=.. d_ece_topk12_vs_rs12=..
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import shutil
@@ -71,7 +72,6 @@ from logitcast.trainer.objective import ECE_BINS, last_hidden, student_loss
 from logitcast.trainer.students import build_student, num_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
-PROGRESS = ROOT / ".cache" / "quality"
 REFERENCE = "rs12"
 
 SPECS = {
@@ -330,7 +330,7 @@ def schedules(name: str, spec_name: str | None, steps: int, args):
 
 
 def train_student(name: str, seed: int, args, base, pool, heldout, teacher_logp, backend,
-                  filled, sources, start_metrics) -> dict:
+                  filled, sources) -> dict:
     spec_name, kd = STUDENTS[name]
     student = copy.deepcopy(base)
     decay, rest = [], []
@@ -342,7 +342,7 @@ def train_student(name: str, seed: int, args, base, pool, heldout, teacher_logp,
     steps, batch = args.steps, args.batch
     alpha_of, lr_of = schedules(name, spec_name, steps, args)
     config = KDConfig(ignore_index=IGNORE, seq_len=args.seq_len, **(kd or {}))
-    curve, seconds = [{"step": 0, **start_metrics}], 0.0
+    train_lm, seconds = [], 0.0
     for step in range(steps):
         b = order(pool, seed, step, batch)
         t0 = time.perf_counter()
@@ -354,32 +354,27 @@ def train_student(name: str, seed: int, args, base, pool, heldout, teacher_logp,
                 h = torch.stack([filled["hidden"][k] for k in b.row_keys])
                 t_logits = backend.logits(h.reshape(-1, h.shape[-1]))
             logits = student(b.input_ids).logits.reshape(-1, t_logits.shape[-1])
-            loss, _ = full_kd_loss(logits, t_logits, b.labels.reshape(-1), alpha=alpha,
-                                   ignore_index=IGNORE)
+            loss, parts = full_kd_loss(logits, t_logits, b.labels.reshape(-1), alpha=alpha,
+                                       ignore_index=IGNORE)
         else:
             targets = None if spec_name is None else sources[spec_name].fetch(b).targets
-            loss, _ = student_loss(student, b.input_ids, b.labels, targets, alpha=alpha,
-                                   config=config)
+            loss, parts = student_loss(student, b.input_ids, b.labels, targets, alpha=alpha,
+                                       config=config)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decay + rest, 1.0)
         opt.step()
         seconds += time.perf_counter() - t0
-        if (step + 1) % args.eval_every == 0 and step + 1 < steps:
-            student.eval()
-            curve.append({"step": step + 1, **evaluate(student, heldout, teacher_logp,
-                                                       limit=args.curve_rows)})
-            student.train()
+        train_lm.append(float(parts["lm"]))
     student.eval()
     final = evaluate(student, heldout, teacher_logp)
-    curve.append({"step": steps, **evaluate(student, heldout, teacher_logp,
-                                            limit=args.curve_rows)})
     tok_s = steps * batch * args.seq_len / seconds
     print(f"  {name:>10} seed {seed}: held-out LM {final['lm_loss']:.4f}, KL "
           f"{final['kl_to_teacher']:.4f}, ECE {final['ece']:.4f}, top-1 "
           f"{final['top1_agreement']:.3f}, over-conf {final['overconfidence']:+.4f} "
           f"({tok_s:.0f} tok/s)", flush=True)
-    return {"name": name, "seed": seed, "final": final, "curve": curve, "tokens_per_s": tok_s,
+    return {"kind": "run", "name": name, "seed": seed, "final": final, "train_lm": train_lm,
+            "tokens_per_s": tok_s,
             "params": num_parameters(student),
             "trainable_params": sum(p.numel() for p in decay + rest)}
 
@@ -436,7 +431,7 @@ def markdown(summary: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: dict, summary: dict, path: Path, curve_rows: int) -> None:
+def plot(runs: dict, summary: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -444,10 +439,11 @@ def plot(runs: dict, summary: dict, path: Path, curve_rows: int) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     for name, rs in runs.items():
-        steps = [c["step"] for c in rs[0]["curve"]]
-        mean = np.mean([[c["lm_loss"] for c in r["curve"]] for r in rs], axis=0)
-        axes[0].plot(steps, mean, marker=".", label=name)
-    axes[0].set_title(f"held-out LM loss (first {curve_rows} rows), mean over seeds")
+        curves = [r["train_lm"] for r in rs if "train_lm" in r]
+        if curves:  # the LM part of each step's loss, mean over seeds, smoothed over 10 steps
+            mean = np.convolve(np.mean(curves, axis=0), np.ones(10) / 10, mode="valid")
+            axes[0].plot(np.arange(len(mean)) + 10, mean, label=name)
+    axes[0].set_title("training LM loss (next-token CE on the step's rows), mean over seeds")
     axes[0].set_xlabel("step")
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
@@ -471,16 +467,84 @@ def plot(runs: dict, summary: dict, path: Path, curve_rows: int) -> None:
 # ---------------------------------------------------------------------------- main
 
 
-def load_progress(path: Path) -> dict:
-    done: dict = {}
+def load_progress(path: Path) -> tuple[dict | None, dict]:
+    """(setup record or None, {(name, seed): run}) from a progress file."""
+    setup, done = None, {}
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a kill: that run reruns
                 continue
-            done[(r["name"], r["seed"])] = r
-    return done
+            if r.get("kind") == "setup":
+                setup = r
+            elif r.get("kind") == "run":
+                done[(r["name"], r["seed"])] = r
+    return setup, done
+
+
+def append(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plan(names: list[str], seeds: list[int], extra: list[int]) -> list[tuple[str, int]]:
+    """The paired core over the first 3 seeds, then the other methods over theirs, then
+    the core's remaining seeds (a run stopped early still has every method twice)."""
+    def core(ss):
+        return [(n, s) for s in ss for n in names if n in CORE]
+    return core(seeds[:3]) + [(n, s) for s in extra for n in names if n not in CORE] + \
+        core(seeds[3:])
+
+
+def train_all(args, config: dict, setup: dict | None, todo: list, done: dict, progress: Path,
+              rows: int) -> dict:
+    """Set up (teacher targets, held-out log-probs) and train every (method, seed) in
+    `todo`, appending each finished run to `progress`; returns the setup record."""
+    from logitcast.server.backends import TransformersBackend
+
+    work = Path(tempfile.mkdtemp(prefix="lc-quality-"))
+    try:
+        train, heldout, fingerprint = tokenize(args.corpus, work, args.quick)
+        pool = row_pool(train, args.steps, args.batch, args.seq_len)
+        held = heldout_rows(heldout, rows, args.seq_len)
+        backend = TransformersBackend.from_pretrained("default", dtype="fp32")
+        base, student_meta = base_student(backend, args, train)
+        print(f"corpus: {train.num_tokens} train tokens, {heldout.num_tokens} held out; "
+              f"{args.steps} steps x {args.batch * args.seq_len} tokens per student; "
+              f"student {student_meta}; {len(todo)} runs to go", flush=True)
+        filled = fill_cache(backend, pool, args.batch, work / "cache", fingerprint)
+        teacher_logp = teacher_logprobs(backend, held)
+        if setup is None:
+            base.eval()
+            meta = {"teacher": backend.teacher_id, "steps": args.steps,
+                    "student": student_meta, "tokens_per_step": args.batch * args.seq_len,
+                    "seq_len": args.seq_len, "heldout_rows": rows,
+                    "corpus": args.corpus or "python stdlib source", "alpha": args.alpha,
+                    "peak_lr": args.lr, "teacher_metrics": evaluate(None, held, teacher_logp),
+                    "start_metrics": evaluate(base, held, teacher_logp),
+                    "cache_fill_seconds": filled["seconds"]}
+            base.train()
+            setup = {"kind": "setup", "config": config, "meta": meta}
+            append(progress, setup)
+        print(f"teacher targets for {len(SPECS)} specs in {filled['seconds']:.0f}s; teacher "
+              f"held-out LM {setup['meta']['teacher_metrics']['lm_loss']:.4f}; untrained "
+              f"student {setup['meta']['start_metrics']['lm_loss']:.4f}", flush=True)
+        sources = {name: CacheSource(work / "cache", ns, prefetch=1)
+                   for name, ns in filled["namespaces"].items()}
+        try:
+            for name, seed in todo:
+                r = train_student(name, seed, args, base, pool, held, teacher_logp, backend,
+                                  filled, sources)
+                append(progress, r)
+                done[(name, seed)] = r
+        finally:
+            for s in sources.values():
+                s.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return setup
 
 
 def main() -> None:
@@ -494,7 +558,9 @@ def main() -> None:
                    help="pruned:N (N teacher blocks kept; default pruned:4) or a preset "
                         "trained from scratch (tiny-16m, ...)")
     p.add_argument("--only", default=None, help="comma-separated methods to run")
-    p.add_argument("--fresh", action="store_true", help="ignore finished runs of this config")
+    p.add_argument("--fresh", action="store_true", help="discard the finished runs")
+    p.add_argument("--report", action="store_true",
+                   help="only write the report from the finished runs (no teacher, no training)")
     args = p.parse_args()
     q = args.quick
     args.steps = args.steps or (6 if q else 100)
@@ -502,8 +568,7 @@ def main() -> None:
     extra = [int(s) for s in (args.extra_seeds or ("0" if q else "0,1")).split(",")]
     args.student = args.student or "pruned:4"
     args.seq_len, args.batch = (64, 2) if q else (256, 2)
-    rows, args.curve_rows = (8, 4) if q else (128, 16)
-    args.eval_every = 3 if q else 25
+    rows = 8 if q else 128
     args.lr, args.alpha = 3e-4, 0.5
     names = args.only.split(",") if args.only else list(STUDENTS)
     unknown = sorted(set(names) - set(STUDENTS))
@@ -515,73 +580,43 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
-    from logitcast.server.backends import TransformersBackend
-
     config = {"version": 2, "steps": args.steps, "student": args.student, "seq": args.seq_len,
               "batch": args.batch, "rows": rows, "corpus": args.corpus, "lr": args.lr,
               "alpha": args.alpha, "quick": q}
-    tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    progress = PROGRESS / f"runs-{tag}.jsonl"
-    if args.fresh:
-        progress.unlink(missing_ok=True)
-    done = load_progress(progress)
-    work = Path(tempfile.mkdtemp(prefix="lc-quality-"))
-    t_start = time.perf_counter()
-    try:
-        train, heldout, fingerprint = tokenize(args.corpus, work, q)
-        pool = row_pool(train, args.steps, args.batch, args.seq_len)
-        held = heldout_rows(heldout, rows, args.seq_len)
-        backend = TransformersBackend.from_pretrained("default", dtype="fp32")
-        base, student_meta = base_student(backend, args, train)
-        print(f"corpus: {train.num_tokens} train tokens, {heldout.num_tokens} held out; "
-              f"{args.steps} steps x {args.batch * args.seq_len} tokens per student; "
-              f"student {student_meta}", flush=True)
-        filled = fill_cache(backend, pool, args.batch, work / "cache", fingerprint)
-        teacher_logp = teacher_logprobs(backend, held)
-        teacher_metrics = evaluate(None, held, teacher_logp)
-        base.eval()
-        start_full = evaluate(base, held, teacher_logp)
-        start_curve = evaluate(base, held, teacher_logp, limit=args.curve_rows)
-        base.train()
-        print(f"teacher targets for {len(SPECS)} specs in {filled['seconds']:.0f}s; teacher "
-              f"held-out LM {teacher_metrics['lm_loss']:.4f}; untrained student "
-              f"{start_full['lm_loss']:.4f}", flush=True)
-        sources = {name: CacheSource(work / "cache", ns, prefetch=1)
-                   for name, ns in filled["namespaces"].items()}
-        runs: dict[str, list] = {name: [] for name in names}
-        PROGRESS.mkdir(parents=True, exist_ok=True)
-        for i in range(max(seeds + extra) + 1):
-            for name in names:
-                if i not in (seeds if name in CORE else extra):
-                    continue
-                if (name, i) in done:
-                    runs[name].append(done[(name, i)])
-                    continue
-                r = train_student(name, i, args, base, pool, held, teacher_logp, backend,
-                                  filled, sources, start_curve)
-                with progress.open("a") as f:
-                    f.write(json.dumps(r) + "\n")
-                runs[name].append(r)
-        for s in sources.values():
-            s.close()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    summary = summarize_runs(runs)
-    first = next(iter(runs.values()))[0]
     suffix = "-quick" if q else ""
-    meta = {"teacher": backend.teacher_id, "steps": args.steps, "student": student_meta,
-            "student_params": first["params"], "trainable_params": first["trainable_params"],
-            "tokens_per_step": args.batch * args.seq_len, "seq_len": args.seq_len,
-            "seeds": seeds, "extra_seeds": extra, "heldout_rows": rows,
-            "corpus": args.corpus or "python stdlib source", "alpha": args.alpha,
-            "peak_lr": args.lr, "teacher_metrics": teacher_metrics,
-            "start_metrics": start_full, "seconds": time.perf_counter() - t_start,
-            "cache_fill_seconds": filled["seconds"], "progress_file": str(progress)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    progress = RESULTS / f"quality{suffix}-runs.jsonl"
+    if args.fresh or q:  # --quick always starts over
+        progress.unlink(missing_ok=True)
+    setup, done = load_progress(progress)
+    if setup is not None and setup["config"] != config:
+        p.error(f"{progress} holds runs of another configuration ({setup['config']}); "
+                f"pass --fresh to start over")
+    todo = [(n, i) for n, i in plan(names, seeds, extra) if (n, i) not in done]
+    if args.report:
+        if setup is None:
+            p.error(f"--report: {progress} has no finished setup; run the benchmark first")
+        todo = []
+    t_start = time.perf_counter()
+    if todo:
+        setup = train_all(args, config, setup, todo, done, progress, rows)
+    runs: dict[str, list] = {}
+    for n, i in plan(names, seeds, extra):
+        if (n, i) in done:
+            runs.setdefault(n, []).append(done[(n, i)])
+    missing = [f"{n}/{i}" for n, i in plan(names, seeds, extra) if (n, i) not in done]
+    summary = summarize_runs(runs)
+    first = runs["ce"][0]
+    meta = {**setup["meta"], "student_params": first["params"],
+            "trainable_params": first["trainable_params"],
+            "seeds": sorted({r["seed"] for r in runs[REFERENCE]}), "extra_seeds": extra,
+            "planned_seeds": seeds, "missing_runs": missing,
+            "seconds_this_invocation": time.perf_counter() - t_start,
+            "progress_file": str(progress.relative_to(ROOT))}
     (RESULTS / f"quality{suffix}.md").write_text(markdown(summary, meta))
-    plot(runs, summary, RESULTS / f"quality{suffix}.png", args.curve_rows)
-    path = write_results("quality", {"config": meta, "summary": summary, "runs": runs},
-                         suffix=suffix)
+    plot(runs, summary, RESULTS / f"quality{suffix}.png")
+    path = write_results("quality", {"config": meta, "summary": summary,
+                                     "runs": {n: [r["final"] | {"seed": r["seed"]} for r in rs]
+                                              for n, rs in runs.items()}}, suffix=suffix)
     print(markdown(summary, meta))
     print(f"results: {path}")
     pr, m = summary["paired"], summary["methods"]
@@ -592,7 +627,7 @@ def main() -> None:
     def d(name: str, metric: str) -> float:
         return pr[name][metric]["mean"] if name in pr and pr[name][metric] else float("nan")
 
-    print(f"RESULT seeds={len(seeds)} gap_rs12={m['rs12']['gap']:.4f} "
+    print(f"RESULT seeds={len(meta['seeds'])} gap_rs12={m['rs12']['gap']:.4f} "
           f"gap_topk12={m['topk12']['gap'] if 'topk12' in m else float('nan'):.4f} "
           f"d_loss_topk12_vs_rs12={d('topk12', 'lm_loss'):.4f} "
           f"d_ece_topk12_vs_rs12={d('topk12', 'ece'):.4f} "
