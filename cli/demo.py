@@ -44,10 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --from-scratch: preset of student A and the baseline")
     p.add_argument("--small-student", default="tiny-7m",
                    help="with --from-scratch: preset of offline student B")
-    p.add_argument("--alpha", type=float, default=None,
-                   help="KD weight of the KD students (default 0.5 pruned, 0.9 from scratch)")
+    p.add_argument("--alpha", type=float, default=0.9,
+                   help="KD weight of the KD students (default 0.9)")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate, cosine (default 5e-4 pruned, 3e-3 from scratch)")
+                   help="peak learning rate, cosine (default 1e-3 pruned, 3e-3 from scratch)")
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-rows", type=int, default=8)
     p.add_argument("--teacher-threads", type=int, default=0,
@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
     pruned = not args.from_scratch
-    alpha = args.alpha if args.alpha is not None else (0.5 if pruned else 0.9)
-    lr = args.lr if args.lr is not None else (5e-4 if pruned else 3e-3)
+    alpha = args.alpha
+    lr = args.lr if args.lr is not None else (1e-3 if pruned else 3e-3)
     if pruned:
         print(f"[2/7] students pruned from the teacher: A and the baseline keep {args.layers} "
               f"blocks, B {args.small_layers}", flush=True)
