@@ -419,8 +419,9 @@ def markdown(summary: dict, meta: dict) -> str:
               f"over seeds: {'yes' if summary['gap_resolved'] else 'no, so n/a'}.", "",
               "## Paired differences to RS-12 (method − RS-12, per seed; mean [95 % t "
               "interval]; **✓** = significant)", "",
-              "A positive Δ in LM loss, KL, ECE or conf − acc (every student here is "
-              "over-confident) means RS-12 is better; for top-1 agreement a negative Δ does.",
+              "A positive Δ in LM loss, KL or ECE means RS-12 is better, and so does a positive "
+              "Δ conf − acc between over-confident students; for top-1 agreement a negative Δ "
+              "does.",
               "",
               "| method | seeds | Δ LM loss | Δ KL(T‖S) | Δ ECE | Δ top-1 agreement | "
               "Δ conf − acc |", "|---|---|---|---|---|---|---|"]
