@@ -65,7 +65,7 @@ from logitcast.cache import CacheNamespace, CacheWriter
 from logitcast.client.offline import CacheSource
 from logitcast.client.packing import IGNORE, PackedBatch, Packer, PackingConfig
 from logitcast.client.shards import TokenCorpus
-from logitcast.ops import KDConfig, TargetSpec, alpha_at, full_kd_loss, lr_at, sparsify
+from logitcast.ops import KDConfig, TargetSpec, alpha_at, fused_full_kd_loss, lr_at, sparsify
 from logitcast.ops.codec import encode
 from logitcast.ops.rowkey import draw_coordinates
 from logitcast.trainer.objective import ECE_BINS, last_hidden, student_loss
@@ -332,6 +332,7 @@ def schedules(name: str, spec_name: str | None, steps: int, args):
 def train_student(name: str, seed: int, args, base, pool, heldout, teacher_logp, backend,
                   filled, sources) -> dict:
     spec_name, kd = STUDENTS[name]
+    started = time.perf_counter()
     student = copy.deepcopy(base)
     decay, rest = [], []
     for p in student.parameters():
@@ -350,12 +351,12 @@ def train_student(name: str, seed: int, args, base, pool, heldout, teacher_logp,
             group["lr"] = lr_of(step)
         alpha = alpha_of(step)
         if spec_name == "full":
-            with torch.no_grad():
-                h = torch.stack([filled["hidden"][k] for k in b.row_keys])
-                t_logits = backend.logits(h.reshape(-1, h.shape[-1]))
-            logits = student(b.input_ids).logits.reshape(-1, t_logits.shape[-1])
-            loss, parts = full_kd_loss(logits, t_logits, b.labels.reshape(-1), alpha=alpha,
-                                       ignore_index=IGNORE)
+            t_hidden = torch.stack([filled["hidden"][k] for k in b.row_keys])
+            hidden = last_hidden(student, b.input_ids)
+            loss, parts = fused_full_kd_loss(
+                hidden, student.get_output_embeddings().weight, t_hidden.flatten(0, 1),
+                backend.model.lm_head.weight, b.labels.reshape(-1), alpha=alpha,
+                ignore_index=IGNORE)
         else:
             targets = None if spec_name is None else sources[spec_name].fetch(b).targets
             loss, parts = student_loss(student, b.input_ids, b.labels, targets, alpha=alpha,
@@ -374,7 +375,7 @@ def train_student(name: str, seed: int, args, base, pool, heldout, teacher_logp,
           f"{final['top1_agreement']:.3f}, over-conf {final['overconfidence']:+.4f} "
           f"({tok_s:.0f} tok/s)", flush=True)
     return {"kind": "run", "name": name, "seed": seed, "final": final, "train_lm": train_lm,
-            "tokens_per_s": tok_s,
+            "tokens_per_s": tok_s, "wall_s": time.perf_counter() - started,
             "params": num_parameters(student),
             "trainable_params": sum(p.numel() for p in decay + rest)}
 

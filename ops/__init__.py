@@ -13,7 +13,7 @@ from logitcast.ops.errors import (
     InvalidSpecError,
     NonFiniteLogitsError,
 )
-from logitcast.ops.fused import fused_distill_loss
+from logitcast.ops.fused import fused_distill_loss, fused_full_kd_loss
 from logitcast.ops.kd_terms import KD_LOSSES, LossTargets
 from logitcast.ops.losses import (
     IGNORE_INDEX,
@@ -42,6 +42,7 @@ __all__ = [
     "distill_loss",
     "full_kd_loss",
     "fused_distill_loss",
+    "fused_full_kd_loss",
     "lm_loss",
     "lr_at",
     "retemper",

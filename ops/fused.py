@@ -19,8 +19,12 @@ buffers plus an fp32 [V, d] accumulator. Works for fp32 and bf16/fp16
 hidden states and weights on any device (logits and gradient sums in fp32).
 
 Same values and gradients as `losses.distill_loss` on hidden @ weight.T. Not
-covered: an LM-head bias, logit soft-capping, dense FullKD (it needs dense
-[N, V] teacher logits anyway; use `losses.full_kd_loss`).
+covered: an LM-head bias, logit soft-capping.
+
+`fused_full_kd_loss` is the dense FullKD reference done the same way: the
+teacher's logits are formed chunk by chunk from its last hidden state too, so
+neither model's [N, V] logits are ever held; same values and gradients as
+`losses.full_kd_loss`.
 
 This module knows nothing about models, optimisers or where targets come from.
 """
@@ -30,7 +34,14 @@ from __future__ import annotations
 import torch
 
 from logitcast.ops.kd_terms import KD_LOSSES, LossTargets
-from logitcast.ops.losses import KDConfig, check_alpha, check_labels, loss_targets
+from logitcast.ops.losses import (
+    IGNORE_INDEX,
+    KDConfig,
+    _check_positive,
+    check_alpha,
+    check_labels,
+    loss_targets,
+)
 from logitcast.ops.targets import SparseTargets
 
 #: Positions per chunk by default: each [chunk, V] fp32 buffer is chunk * V * 4 bytes.
@@ -57,20 +68,8 @@ def fused_distill_loss(
     """
     config = config or KDConfig()
     alpha = check_alpha(alpha)
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 \
-            or not hidden.dtype.is_floating_point:
-        raise ValueError(f"hidden must be a float [N, d] tensor, got "
-                         f"{getattr(hidden, 'dtype', type(hidden))} "
-                         f"{tuple(getattr(hidden, 'shape', ()))}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 \
-            or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be a [V, {hidden.shape[1]}] tensor, got "
-                         f"{tuple(getattr(weight, 'shape', ()))}")
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise ValueError(f"weight ({weight.dtype}, {weight.device}) and hidden "
-                         f"({hidden.dtype}, {hidden.device}) must share dtype and device")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    _check_head("hidden", hidden, "weight", weight)
+    _check_chunk(chunk_size)
     n, vocab = hidden.shape[0], weight.shape[0]
     counted = check_labels(labels, n, vocab, hidden.device, config.ignore_index)
     if targets is None and alpha != 0.0:
@@ -79,6 +78,127 @@ def fused_distill_loss(
     total, lm, kd = _FusedDistill.apply(hidden, weight, labels, counted, t, alpha, config,
                                         chunk_size)
     return total, ({"lm": lm} if t is None else {"lm": lm, "kd": kd})
+
+
+def _check_head(h_name: str, hidden: torch.Tensor, w_name: str, weight: torch.Tensor) -> None:
+    """ValueError naming the argument unless hidden is float [N, d] and weight [V, d] alike."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 \
+            or not hidden.dtype.is_floating_point:
+        raise ValueError(f"{h_name} must be a float [N, d] tensor, got "
+                         f"{getattr(hidden, 'dtype', type(hidden))} "
+                         f"{tuple(getattr(hidden, 'shape', ()))}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 \
+            or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"{w_name} must be a [V, {hidden.shape[1]}] tensor, got "
+                         f"{tuple(getattr(weight, 'shape', ()))}")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"{w_name} ({weight.dtype}, {weight.device}) and {h_name} "
+                         f"({hidden.dtype}, {hidden.device}) must share dtype and device")
+
+
+def _check_chunk(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+
+
+def fused_full_kd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Dense FullKD, chunked: (1 - alpha) * LM loss + alpha * KL(softmax(t) || softmax(z / tau))
+    with z = hidden @ weight.T and t = (teacher_hidden @ teacher_weight.T) in fp32.
+
+    The teacher logits are exactly what its `lm_head` (a bias-free `nn.Linear`) would return,
+    upcast to fp32; the teacher gets no gradient. hidden: float [N, d], weight: [V, d] (the
+    student's LM head); teacher_hidden: [N, d_t], teacher_weight: [V, d_t], any float dtype
+    (the vocabularies must match). Returns (total with a grad_fn, {"lm", "kd"} detached).
+    """
+    alpha = check_alpha(alpha)
+    _check_positive("temperature", temperature)
+    _check_head("hidden", hidden, "weight", weight)
+    _check_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
+    _check_chunk(chunk_size)
+    if teacher_hidden.shape[0] != hidden.shape[0] or teacher_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"teacher ({teacher_hidden.shape[0]} positions, vocabulary "
+                         f"{teacher_weight.shape[0]}) does not match the student "
+                         f"({hidden.shape[0]} positions, vocabulary {weight.shape[0]})")
+    if teacher_hidden.device != hidden.device:
+        raise ValueError(f"teacher_hidden is on {teacher_hidden.device}, the student on "
+                         f"{hidden.device}")
+    counted = check_labels(labels, hidden.shape[0], weight.shape[0], hidden.device,
+                           ignore_index)
+    total, lm, kd = _FusedFullKD.apply(hidden, weight, teacher_hidden.detach(),
+                                       teacher_weight.detach(), labels, counted, alpha,
+                                       float(temperature), chunk_size)
+    return total, {"lm": lm, "kd": kd}
+
+
+class _FusedFullKD(torch.autograd.Function):
+    """Forward computes the loss and (eagerly) d loss / d(hidden, weight); backward scales.
+
+    Per position (counted ones, then / their number):
+        lm = lse(z) - z_y,  kd = sum_v p_v (log p_v - log softmax(z / tau)_v)
+        d/dz = (1 - alpha) (softmax(z) - onehot_y) + alpha / tau (softmax(z / tau) - p)
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, t_hidden, t_weight, labels, counted, alpha: float,
+                tau: float, chunk: int):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n, f32 = hidden.shape[0], torch.float32
+        dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) \
+            if need_h else None
+        dw = torch.zeros(weight.shape, dtype=f32, device=weight.device) if need_w else None
+        sums = torch.zeros(2, dtype=f32, device=hidden.device)
+        denom = counted.sum().clamp_min(1).to(f32)
+        safe = torch.where(counted, labels, 0).long()
+        for start in range(0, n, chunk):
+            sl = slice(start, start + chunk)
+            h, keep = hidden[sl], counted[sl].to(f32)[:, None]
+            z = (h @ weight.T).to(f32)
+            t = torch.nn.functional.linear(t_hidden[sl], t_weight).to(f32)
+            log_p = torch.log_softmax(t, dim=1)
+            p = log_p.exp()
+            log_q = torch.log_softmax(z, dim=1)
+            log_qt = log_q if tau == 1.0 else torch.log_softmax(z / tau, dim=1)
+            lm = -(log_q.gather(1, safe[sl, None]) * keep).sum()
+            kd = ((p * (log_p - log_qt)).nan_to_num_(0.0).sum(dim=1, keepdim=True) * keep).sum()
+            sums += torch.stack([lm, kd])
+            if not (need_h or need_w):
+                continue
+            # the logit gradient, built in place on the chunk's buffers
+            q = log_q.exp_()  # softmax(z); log_q (and log_qt when tau = 1) is consumed
+            if tau == 1.0:
+                dz = q.sub_(p, alpha=alpha)  # (1 - a) q + a (q - p)
+            else:
+                dz = q.mul_(1.0 - alpha).add_(log_qt.exp_().sub_(p), alpha=alpha / tau)
+            dz.scatter_add_(1, safe[sl, None], torch.full_like(keep, alpha - 1.0))
+            dz.mul_(keep / denom)
+            g = dz if dz.dtype == hidden.dtype else dz.to(hidden.dtype)
+            if dh is not None:
+                dh[sl] = g @ weight
+            if dw is not None:
+                dw.add_(g.t().to(f32) @ h.to(f32))
+        ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
+        lm, kd = (sums[0] / denom).clone(), (sums[1] / denom).clone()
+        total = (1.0 - alpha) * lm + alpha * kd
+        ctx.mark_non_differentiable(lm, kd)
+        return total, lm, kd
+
+    @staticmethod
+    def backward(ctx, g_total, g_lm, g_kd):
+        dh, dw = ctx.saved_tensors
+        return (None if dh is None else dh * g_total.to(dh.dtype),
+                None if dw is None else dw * g_total.to(dw.dtype),
+                None, None, None, None, None, None, None)
 
 
 class _FusedDistill(torch.autograd.Function):

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from logitcast.ops import TargetSpec, row_positions, sparsify
-from logitcast.ops.fused import fused_distill_loss
-from logitcast.ops.losses import KDConfig, distill_loss
+from logitcast.ops.fused import fused_distill_loss, fused_full_kd_loss
+from logitcast.ops.losses import KDConfig, distill_loss, full_kd_loss
 
 SPECS = {
     "full": TargetSpec(method="full"),
@@ -129,6 +129,56 @@ def test_bad_input_raises_value_error():
         fused_distill_loss(h, w, None, labels, alpha=0.5)
     with pytest.raises(ValueError, match="positions"):
         fused_distill_loss(h[:-1], w, targets, labels[:-1], alpha=0.5)
+
+
+def full_kd_pair(dtype=torch.float32, seed=1):
+    """Student (hidden, weight) and a wider bf16-able teacher (hidden, weight), same vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    _, labels, h, w = make("full", seed=seed)
+    th = torch.randn(N, 40, generator=g).to(dtype)
+    tw = (torch.randn(V, 40, generator=g) * 0.4).to(dtype)
+    return labels, h, w, th, tw
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.7])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+def test_fused_full_kd_equals_dense_full_kd(tau, alpha, teacher_dtype):
+    labels, h, w, th, tw = full_kd_pair(teacher_dtype)
+    t_logits = torch.nn.functional.linear(th, tw).float()  # what the teacher's lm_head gives
+    dense, dense_parts = full_kd_loss(h @ w.T, t_logits, labels, alpha=alpha, temperature=tau)
+    a = (dense, dense_parts, torch.autograd.grad(dense, (h, w)))
+    got, parts = fused_full_kd_loss(h, w, th, tw, labels, alpha=alpha, temperature=tau,
+                                    chunk_size=8)
+    assert_same((got, parts, torch.autograd.grad(got, (h, w))), a, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_full_kd_gives_the_teacher_no_gradient_and_skips_ignored_positions():
+    labels, h, w, th, tw = full_kd_pair()
+    th.requires_grad_(True)
+    total, _ = fused_full_kd_loss(h, w, th, tw, labels, alpha=0.7, chunk_size=8)
+    total.backward()
+    assert th.grad is None
+    assert not h.grad[[3, 17]].any()
+    assert h.grad.any()
+    total, _ = fused_full_kd_loss(h, w, th, tw, torch.full_like(labels, -100), alpha=0.7)
+    assert float(total.detach()) == 0.0
+
+
+def test_fused_full_kd_bad_input_names_the_argument():
+    labels, h, w, th, tw = full_kd_pair()
+    with pytest.raises(ValueError, match="teacher_weight must be"):
+        fused_full_kd_loss(h, w, th, tw[:, :-1], labels, alpha=0.5)
+    with pytest.raises(ValueError, match="does not match the student"):
+        fused_full_kd_loss(h, w, th[:-1], tw, labels, alpha=0.5)
+    with pytest.raises(ValueError, match="does not match the student"):
+        fused_full_kd_loss(h, w, th, tw[:-1], labels, alpha=0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        fused_full_kd_loss(h, w, th, tw, labels, alpha=0.5, temperature=0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        fused_full_kd_loss(h, w, th, tw, labels, alpha=1.5)
+    with pytest.raises(ValueError, match="label 200"):
+        fused_full_kd_loss(h, w, th, tw, torch.full_like(labels, V), alpha=0.5)
 
 
 @pytest.mark.gpu
