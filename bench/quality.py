@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import shutil
@@ -68,7 +69,13 @@ from logitcast.client.shards import TokenCorpus
 from logitcast.ops import KDConfig, TargetSpec, alpha_at, fused_full_kd_loss, lr_at, sparsify
 from logitcast.ops.codec import encode
 from logitcast.ops.rowkey import draw_coordinates
-from logitcast.trainer.objective import ECE_BINS, last_hidden, student_loss
+from logitcast.trainer.objective import (
+    add_student_sums,
+    empty_sums,
+    last_hidden,
+    student_loss,
+    summarize,
+)
 from logitcast.trainer.students import build_student, num_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,10 +147,15 @@ def heldout_rows(heldout: TokenCorpus, rows: int, seq_len: int) -> PackedBatch:
     return packer.batch(0)
 
 
+@functools.lru_cache(maxsize=8)
+def permutation(n: int, seed: int) -> torch.Tensor:
+    """Seed `seed`'s data order over a pool of n rows."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
 def order(pool: PackedBatch, seed: int, step: int, batch: int) -> PackedBatch:
     """Step `step` of seed `seed`: `batch` rows of a seeded permutation of the pool."""
-    perm = torch.randperm(pool.input_ids.shape[0], generator=torch.Generator().manual_seed(seed))
-    rows = perm[step * batch:(step + 1) * batch]
+    rows = permutation(pool.input_ids.shape[0], seed)[step * batch:(step + 1) * batch]
     return PackedBatch(step=step, input_ids=pool.input_ids[rows], labels=pool.labels[rows],
                        document_ids=None, row_keys=tuple(pool.row_keys[i] for i in rows.tolist()))
 
@@ -193,31 +205,23 @@ def teacher_logprobs(backend, rows: PackedBatch, chunk_rows: int = 4) -> torch.T
 
 
 class Meter:
-    """Sums over held-out positions of one model's log-probs against the teacher's."""
+    """Sums over held-out positions of one model's log-probs against the exact teacher's:
+    the trainer's eval sums (`add_student_sums`, `summarize`) with the KL and top-1
+    agreement taken from the teacher's full distribution instead of sparse targets."""
 
     def __init__(self) -> None:
-        self.n = self.nll = self.correct = self.conf = self.kl = self.agree = 0.0
-        self.bins = np.zeros((3, ECE_BINS))  # count, confidence sum, correct sum
+        self.sums = empty_sums()
 
     def add(self, logq: torch.Tensor, labels: torch.Tensor, logp: torch.Tensor) -> None:
-        conf, top1 = logq.max(-1)
-        conf, right = conf.exp().double(), (top1 == labels).double()
-        self.n += labels.numel()
-        self.nll -= float(logq.gather(1, labels[:, None]).sum())
-        self.correct += float(right.sum())
-        self.conf += float(conf.sum())
-        self.kl += float((logp.exp() * (logp - logq)).sum())
-        self.agree += float((top1 == logp.argmax(-1)).sum())
-        b = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
-        for i, w in enumerate((None, conf, right)):
-            self.bins[i] += torch.bincount(b, weights=w, minlength=ECE_BINS).numpy()
+        top1 = add_student_sums(self.sums, logq, labels)
+        self.sums["n_teacher"] += labels.numel()
+        self.sums["kl"] += (logp.exp() * (logp - logq)).sum().double()
+        self.sums["agree"] += (top1 == logp.argmax(-1)).sum()
 
     def result(self) -> dict:
-        n = self.n
-        return {"lm_loss": self.nll / n, "kl_to_teacher": self.kl / n,
-                "ece": float(np.abs(self.bins[1] - self.bins[2]).sum() / n),
-                "top1_agreement": self.agree / n, "accuracy": self.correct / n,
-                "confidence": self.conf / n, "overconfidence": (self.conf - self.correct) / n}
+        r = summarize(self.sums)
+        return {k: r[k] for k in ("lm_loss", "kl_to_teacher", "ece", "top1_agreement",
+                                  "accuracy", "confidence", "overconfidence")}
 
 
 @torch.no_grad()

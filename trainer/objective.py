@@ -91,14 +91,43 @@ class DistillObjective(torch.nn.Module):
                             chunk_size=self.chunk_size)
 
 
+def empty_sums() -> dict[str, torch.Tensor]:
+    """Zeroed float64 accumulators of `evaluate_batch` (all-reducible, summed by `summarize`)."""
+    out = {k: torch.zeros((), dtype=torch.float64) for k in
+           ("n", "nll", "correct", "conf", "n_teacher", "kl", "agree", "n_teacher_lp",
+            "teacher_nll")}
+    for k in ("bin_n", "bin_conf", "bin_correct"):
+        out[k] = torch.zeros(ECE_BINS, dtype=torch.float64)
+    return out
+
+
+def add_student_sums(out: dict[str, torch.Tensor], logp: torch.Tensor,
+                     labels: torch.Tensor) -> torch.Tensor:
+    """Add one chunk's student-only sums into `out` (n, nll, correct, conf and the ECE
+    bins) from its log-probs logp [n, V] at labels [n] (every one counted); returns the
+    student's top-1 ids [n]. Shared by `evaluate_batch` and the quality benchmark."""
+    conf, top1 = logp.max(dim=-1)
+    conf = conf.exp().double()
+    right = top1 == labels
+    out["n"] += labels.numel()
+    out["nll"] -= logp.gather(1, labels[:, None]).sum().double()
+    out["correct"] += right.sum()
+    out["conf"] += conf.sum()
+    b = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
+    out["bin_n"] += torch.bincount(b, minlength=ECE_BINS).double()
+    out["bin_conf"] += torch.bincount(b, weights=conf, minlength=ECE_BINS)
+    out["bin_correct"] += torch.bincount(b, weights=right.double(), minlength=ECE_BINS)
+    return top1
+
+
 @torch.no_grad()
 def evaluate_batch(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    targets: SparseTargets | None, *, document_ids: torch.Tensor | None = None,
                    chunk_size: int = 512) -> dict[str, torch.Tensor]:
     """Sums over the counted positions of one batch (float64 tensors, all-reducible):
 
-    n, nll (CE on the true tokens), correct (student top-1 == label), and per ECE bin
-    bin_n / bin_conf / bin_correct; with targets also n_teacher, kl (KL(teacher || student)
+    n, nll (CE on the true tokens), correct (student top-1 == label), conf (its top-1
+    probability), and per ECE bin bin_n / bin_conf / bin_correct; with targets also n_teacher, kl (KL(teacher || student)
     estimated without bias as -H_teacher - sum_k w_k log p_s(k): it needs targets whose
     weights estimate the whole distribution at temperature 1 and the entropy extra, else
     NaN), agree (student top-1 == teacher top-1, exact when targets have a head entry),
@@ -107,27 +136,14 @@ def evaluate_batch(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
     hidden = last_hidden(model, input_ids, document_ids)
     head = model.get_output_embeddings()  # called as a module: ZeRO-3 gathers its weight
     flat = labels.reshape(-1)
-    out = {k: torch.zeros((), dtype=torch.float64) for k in
-           ("n", "nll", "correct", "n_teacher", "kl", "agree", "n_teacher_lp", "teacher_nll")}
-    for k in ("bin_n", "bin_conf", "bin_correct"):
-        out[k] = torch.zeros(ECE_BINS, dtype=torch.float64)
+    out = empty_sums()
     for s in range(0, hidden.shape[0], chunk_size):
         lab = flat[s:s + chunk_size]
         keep = lab != IGNORE
         if not keep.any():
             continue
         logp = torch.log_softmax(head(hidden[s:s + chunk_size][keep]).float(), dim=-1)
-        lab = lab[keep]
-        conf, top1 = logp.max(dim=-1)
-        conf = conf.exp()
-        right = top1 == lab
-        out["n"] += keep.sum()
-        out["nll"] -= logp.gather(1, lab[:, None]).sum().double()
-        out["correct"] += right.sum()
-        b = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
-        out["bin_n"] += torch.bincount(b, minlength=ECE_BINS).double()
-        out["bin_conf"] += torch.bincount(b, weights=conf.double(), minlength=ECE_BINS)
-        out["bin_correct"] += torch.bincount(b, weights=right.double(), minlength=ECE_BINS)
+        top1 = add_student_sums(out, logp, lab[keep])
         if targets is None:
             continue
         t = targets[s:s + chunk_size]
@@ -155,8 +171,9 @@ def evaluate_batch(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
 
 
 def summarize(sums: dict[str, torch.Tensor]) -> dict[str, float | None]:
-    """lm_loss, accuracy, ece, kl_to_teacher, top1_agreement and teacher_lm_loss (the
-    teacher's own CE where its targets carry the label's log-prob) from `evaluate_batch`."""
+    """lm_loss, accuracy, confidence, overconfidence (confidence - accuracy), ece,
+    kl_to_teacher, top1_agreement and teacher_lm_loss (the teacher's own CE where its
+    targets carry the label's log-prob) from `evaluate_batch`."""
     n = float(sums["n"])
     if n == 0:
         raise ValueError("no counted positions in the eval rows")
@@ -165,7 +182,9 @@ def summarize(sums: dict[str, torch.Tensor]) -> dict[str, float | None]:
     nt = float(sums["n_teacher"])
     kl = float(sums["kl"]) / nt if nt else None
     n_lp = float(sums.get("n_teacher_lp", 0))
-    return {"lm_loss": float(sums["nll"]) / n, "accuracy": float(sums["correct"]) / n,
-            "ece": ece, "kl_to_teacher": kl if kl is None or kl == kl else None,
+    acc, conf = float(sums["correct"]) / n, float(sums.get("conf", torch.nan)) / n
+    return {"lm_loss": float(sums["nll"]) / n, "accuracy": acc, "confidence": conf,
+            "overconfidence": conf - acc, "ece": ece,
+            "kl_to_teacher": kl if kl is None or kl == kl else None,
             "top1_agreement": float(sums["agree"]) / nt if nt else None, "positions": int(n),
             "teacher_lm_loss": float(sums["teacher_nll"]) / n_lp if n_lp else None}
