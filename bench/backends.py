@@ -62,7 +62,7 @@ def corpus_rows(rows: int, seq: int) -> torch.Tensor:
     """rows x seq tokens of stdlib source, documents joined by EOS."""
     from transformers import AutoTokenizer
 
-    from logitcast.client.corpus import stdlib_documents
+    from logitcast.data.corpus import stdlib_documents
     from logitcast.server.embedded import embedded_teacher_dir
 
     tok = AutoTokenizer.from_pretrained(embedded_teacher_dir())

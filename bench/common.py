@@ -42,7 +42,7 @@ def random_corpus(directory: Path, fingerprint: str, vocab: int, *, docs: int,
     what the quick benchmarks feed a random-init teacher."""
     import numpy as np
 
-    from logitcast.client.shards import ShardWriter
+    from logitcast.data.shards import ShardWriter
 
     rng = np.random.default_rng(seed)
     w = ShardWriter(directory, fingerprint, vocab, 1)

@@ -96,7 +96,7 @@ NOTES = (
 
 def corpus_tokens(tok, n: int) -> torch.Tensor:
     """int64 [>= n] token ids of standard-library documents joined with EOS."""
-    from logitcast.client.corpus import stdlib_documents
+    from logitcast.data.corpus import stdlib_documents
 
     ids: list[int] = []
     for doc in stdlib_documents(max_chars=n * 8):

@@ -64,8 +64,8 @@ from common import RESULTS, write_results
 
 from logitcast.cache import CacheNamespace, CacheWriter
 from logitcast.client.offline import CacheSource
-from logitcast.client.packing import IGNORE, PackedBatch, Packer, PackingConfig
-from logitcast.client.shards import TokenCorpus
+from logitcast.data.packing import IGNORE, PackedBatch, Packer, PackingConfig
+from logitcast.data.shards import TokenCorpus
 from logitcast.ops import KDConfig, TargetSpec, alpha_at, fused_full_kd_loss, lr_at, sparsify
 from logitcast.ops.codec import encode
 from logitcast.ops.rowkey import draw_coordinates
@@ -113,8 +113,8 @@ METRICS = ("lm_loss", "kl_to_teacher", "ece", "top1_agreement", "overconfidence"
 def tokenize(corpus: str | None, work: Path, quick: bool):
     """(train corpus, held-out corpus, tokenizer fingerprint), split by source file."""
     from logitcast.cli.tokenize import load_tokenizer
-    from logitcast.client.corpus import stdlib_source_files
-    from logitcast.client.tokenize import list_sources, tokenize_sources
+    from logitcast.data.corpus import stdlib_source_files
+    from logitcast.data.tokenize import list_sources, tokenize_sources
 
     tok, fingerprint, vocab = load_tokenizer("default")
     files = list_sources([Path(corpus)]) if corpus else stdlib_source_files()

@@ -62,9 +62,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import random_corpus, write_results
 
 from logitcast.cli.serve import start_server_process
-from logitcast.client.packing import Packer, PackingConfig
-from logitcast.client.shards import TokenCorpus
 from logitcast.client.teacher_client import TeacherClient
+from logitcast.data.packing import Packer, PackingConfig
+from logitcast.data.shards import TokenCorpus
 from logitcast.ops import METHODS, TargetSpec
 from logitcast.ops.codec import VERSION, decode, encode
 from logitcast.ops.rowkey import row_key

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results
 
-from logitcast.client.corpus import stdlib_documents
+from logitcast.data.corpus import stdlib_documents
 from logitcast.ops import TargetSpec
 from logitcast.ops.codec import VERSION
 from logitcast.protos import teacher_pb2 as pb

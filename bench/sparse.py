@@ -51,7 +51,7 @@ SPEED_ROUNDS = 3  # at least this many timed rounds (method and softmax each), b
 
 def teacher_logit_chunks(quick: bool, device: str):
     """Real SmolLM2 logits: yields float32 [chunk, V] pieces plus labels; and stats."""
-    from logitcast.client.corpus import stdlib_documents
+    from logitcast.data.corpus import stdlib_documents
     from logitcast.server.embedded import load_embedded_teacher
 
     rows, seq = (2, 256) if quick else (8, 512)

@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import random_corpus, write_results
 
-from logitcast.client.packing import Packer, PackingConfig
-from logitcast.client.shards import ShardWriter, TokenCorpus
 from logitcast.client.teacher_client import TeacherClient
+from logitcast.data.packing import Packer, PackingConfig
+from logitcast.data.shards import ShardWriter, TokenCorpus
 from logitcast.ops import TargetSpec
 from logitcast.server.app import TeacherServer
 from logitcast.server.backends import TransformersBackend
@@ -39,7 +39,7 @@ CAPACITY = 1.5
 
 
 def build_corpus(directory: Path, backend, quick: bool) -> TokenCorpus:
-    from logitcast.client.corpus import stdlib_documents
+    from logitcast.data.corpus import stdlib_documents
 
     if quick:
         random_corpus(directory, backend.tokenizer_fingerprint, backend.vocab_size, docs=200)

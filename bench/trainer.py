@@ -42,8 +42,8 @@ def corpus(directory: Path, quick: bool) -> tuple[str, int]:
         random_corpus(directory, backend.tokenizer_fingerprint, backend.vocab_size, docs=120)
         return backend.tokenizer_fingerprint, backend.vocab_size
     from logitcast.cli.tokenize import load_tokenizer
-    from logitcast.client.corpus import stdlib_source_files
-    from logitcast.client.tokenize import tokenize_sources
+    from logitcast.data.corpus import stdlib_source_files
+    from logitcast.data.tokenize import tokenize_sources
 
     tok, fingerprint, vocab = load_tokenizer("default")
     tokenize_sources(stdlib_source_files()[:40], directory, tok, fingerprint, vocab_size=vocab)

@@ -145,9 +145,9 @@ def run(args: argparse.Namespace) -> int:
 
     from logitcast.cli.serve import start_server_process
     from logitcast.cli.tokenize import load_tokenizer
-    from logitcast.client.corpus import stdlib_source_files
-    from logitcast.client.shards import TokenCorpus
-    from logitcast.client.tokenize import tokenize_sources
+    from logitcast.data.corpus import stdlib_source_files
+    from logitcast.data.shards import TokenCorpus
+    from logitcast.data.tokenize import tokenize_sources
     from logitcast.server.embedded import default_cache_dir
     from logitcast.server.fleet import free_port
 

@@ -57,7 +57,7 @@ def load_teacher(name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from logitcast.client.shards import ShardError, TokenCorpus
+    from logitcast.data.shards import ShardError, TokenCorpus
     from logitcast.server.embedded import default_cache_dir, tokenizer_fingerprint
     from logitcast.trainer.prune import (
         PruneError,

@@ -36,9 +36,9 @@ def load_tokenizer(name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from logitcast.client.corpus import stdlib_source_files
-    from logitcast.client.shards import TokenCorpus
-    from logitcast.client.tokenize import list_sources, tokenize_sources
+    from logitcast.data.corpus import stdlib_source_files
+    from logitcast.data.shards import TokenCorpus
+    from logitcast.data.tokenize import list_sources, tokenize_sources
 
     sources = list_sources(args.inputs) if args.inputs else stdlib_source_files()
     if args.max_files is not None:

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
-from logitcast.client.packing import Packer
 from logitcast.client.teacher_client import TeacherClient
+from logitcast.data.packing import Packer
 
 
 class DistillDataset(torch.utils.data.IterableDataset):

@@ -23,8 +23,8 @@ import torch
 
 from logitcast.cache import CacheCorruptError, CacheNamespace, CacheReader, Storage
 from logitcast.client.metrics import ClientMetrics
-from logitcast.client.packing import PackedBatch
-from logitcast.client.teacher_client import StepTargets, batch_units, is_padding, prefetched
+from logitcast.client.steps import StepTargets, batch_units, is_padding, prefetched
+from logitcast.data.packing import PackedBatch
 from logitcast.ops import SparseTargets, TargetSpec
 from logitcast.ops.codec import decode
 from logitcast.ops.derive import can_derive, derive

@@ -14,7 +14,6 @@ It knows nothing about training: it takes `PackedBatch`es, gives `StepTargets`.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import ipaddress
 import logging
@@ -23,8 +22,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -32,10 +30,11 @@ import torch
 
 from logitcast.cache import CacheNamespace, TargetCache
 from logitcast.client.metrics import ClientMetrics
-from logitcast.client.packing import IGNORE, PackedBatch
+from logitcast.client.steps import StepTargets, batch_units, is_padding, prefetched
+from logitcast.data.packing import PackedBatch
 from logitcast.ops import SparseTargets, TargetSpec
 from logitcast.ops.codec import VERSION, decode, encode
-from logitcast.ops.rowkey import row_key, units
+from logitcast.ops.rowkey import row_key
 from logitcast.protos import teacher_pb2 as pb
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
 from logitcast.protos.convert import (
@@ -82,53 +81,6 @@ class MemoryTargetCache:
 
     def __len__(self) -> int:
         return len(self._data)
-
-
-def prefetched(fetch, batches: Iterable[PackedBatch], pool: ThreadPoolExecutor, depth: int,
-               metrics: ClientMetrics) -> Iterator[StepTargets]:
-    """fetch(batch) for each batch, `depth` ahead on `pool`, yielded in order exactly once;
-    the time the consumer waits is counted in `metrics.wait_seconds`."""
-    pending: collections.deque[Future] = collections.deque()
-    it = iter(batches)
-    exhausted = False
-    try:
-        while True:
-            while not exhausted and len(pending) < depth:
-                nxt = next(it, None)
-                if nxt is None:
-                    exhausted = True
-                else:
-                    pending.append(pool.submit(fetch, nxt))
-            if not pending:
-                return
-            t0 = time.perf_counter()
-            result = pending.popleft().result()
-            metrics.wait_seconds.inc(time.perf_counter() - t0)
-            metrics.steps.inc()
-            yield result
-    finally:
-        for f in pending:
-            f.cancel()
-
-
-def batch_units(batch: PackedBatch) -> list[tuple[int, int, int]]:
-    """(row, start, end) of every cache unit: whole rows, or document segments."""
-    return units(batch.input_ids, batch.document_ids)
-
-
-def is_padding(batch: PackedBatch, unit: tuple[int, int, int]) -> bool:
-    """A document-mode padding segment: nothing in it is trained on."""
-    r, s, e = unit
-    return batch.document_ids is not None and bool((batch.labels[r, s:e] == IGNORE).all())
-
-
-@dataclass(frozen=True)
-class StepTargets:
-    """A step's rows and their teacher targets (one SparseTargets over B*T positions)."""
-
-    batch: PackedBatch
-    targets: SparseTargets
-    cache_hits: int
 
 
 def is_local_target(address: str) -> bool:

@@ -10,7 +10,7 @@ def tiny_backend():
 
 @pytest.fixture
 def corpus(tmp_path, tiny_backend):
-    from tests.client.conftest import write_corpus
+    from tests.data.conftest import write_corpus
 
     return write_corpus(tmp_path / "tokens", fingerprint=tiny_backend.tokenizer_fingerprint)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from logitcast.client.packing import PackingConfig
+from logitcast.data.packing import PackingConfig
 from logitcast.ops import KD_LOSSES, TargetSpec
 from logitcast.ops.kd_terms import HEAD_LOSSES
 from logitcast.ops.schedules import ALPHA_SCHEDULES, LR_SCHEDULES, alpha_at, lr_at

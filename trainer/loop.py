@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from logitcast.client.packing import Packer
-from logitcast.client.shards import TokenCorpus
+from logitcast.data.packing import Packer
+from logitcast.data.shards import TokenCorpus
 from logitcast.ops import KDConfig, TargetSpec, alpha_at, lr_at
 from logitcast.ops.schedules import ALPHA_SCHEDULES, LR_SCHEDULES
 from logitcast.trainer import checkpoint

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from logitcast.client.packing import IGNORE
+from logitcast.data.packing import IGNORE
 from logitcast.ops import KDConfig, SparseTargets, distill_loss, fused_distill_loss
 
 #: Equal-width confidence bins of the expected calibration error.

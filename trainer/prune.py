@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from transformers.initialization import no_init_weights
 
-from logitcast.client.packing import Packer, PackingConfig
-from logitcast.client.shards import TokenCorpus
+from logitcast.data.packing import Packer, PackingConfig
+from logitcast.data.shards import TokenCorpus
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 MANIFEST = "prune.json"

@@ -3,8 +3,8 @@ import torch
 
 from logitcast.cache import CacheNamespace
 from logitcast.client.offline import CacheMissError, CacheSource
-from logitcast.client.packing import Packer, PackingConfig
 from logitcast.client.teacher_client import TeacherClient
+from logitcast.data.packing import Packer, PackingConfig
 from logitcast.ops import TargetSpec
 from logitcast.ops.codec import encode
 from tests.server.conftest import ServerThread

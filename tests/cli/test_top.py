@@ -16,8 +16,8 @@ from logitcast.cli.top import (
     view_from_queries,
     view_from_scrapes,
 )
-from logitcast.client.packing import Packer, PackingConfig
 from logitcast.client.teacher_client import TeacherClient
+from logitcast.data.packing import Packer, PackingConfig
 from logitcast.ops import TargetSpec
 from logitcast.server.fleet import free_port
 from logitcast.server.metrics import TeacherMetrics

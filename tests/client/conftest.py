@@ -1,20 +1,7 @@
 from pathlib import Path
 
-import numpy as np
-
 from logitcast.cache import CacheReader
 from logitcast.cache.records import REC_HEAD
-from logitcast.client.shards import ShardWriter, TokenCorpus
-
-
-def write_corpus(directory, vocab=1000, docs=60, seed=0, fingerprint="fp", eos=1):
-    rng = np.random.default_rng(seed)
-    w = ShardWriter(directory, fingerprint, vocab, eos, shard_tokens=500)
-    for i in range(docs):
-        w.add(rng.integers(2, vocab, size=int(rng.integers(5, 120))))
-        w.commit_source(f"doc-{i}")
-    w.flush()
-    return TokenCorpus(directory)
 
 
 def damage_record(root, namespace, key):

@@ -2,12 +2,13 @@ import pytest
 
 from logitcast.cache import CacheCorruptError, CacheNamespace
 from logitcast.client.offline import CacheSource
-from logitcast.client.packing import Packer, PackingConfig
 from logitcast.client.teacher_client import TeacherClient
+from logitcast.data.packing import Packer, PackingConfig
 from logitcast.ops import TargetSpec
 from logitcast.ops.codec import encode
 from logitcast.ops.rowkey import row_key
-from tests.client.conftest import damage_record, write_corpus
+from tests.client.conftest import damage_record
+from tests.data.conftest import write_corpus
 from tests.server.conftest import ServerThread
 
 SPEC = TargetSpec(method="sample", unique=8.0)

@@ -9,18 +9,19 @@ import pytest
 
 from logitcast.cache import CacheCorruptError, CacheNamespace, CacheReader
 from logitcast.client.dataset import DistillDataset
-from logitcast.client.packing import Packer, PackingConfig
 from logitcast.client.teacher_client import (
     MemoryTargetCache,
     TeacherClient,
     TeacherMismatchError,
     TeacherUnavailableError,
 )
+from logitcast.data.packing import Packer, PackingConfig
 from logitcast.ops import TargetSpec
 from logitcast.ops.codec import encode
 from logitcast.ops.rowkey import row_key
 from logitcast.server.backends import TransformersBackend
-from tests.client.conftest import damage_record, write_corpus
+from tests.client.conftest import damage_record
+from tests.data.conftest import write_corpus
 from tests.server.conftest import ServerThread
 
 SPEC = TargetSpec(method="sample", unique=8.0)

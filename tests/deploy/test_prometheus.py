@@ -20,12 +20,12 @@ from prometheus_client import start_http_server
 
 from logitcast.cli.main import main
 from logitcast.cli.top import TopError, query
-from logitcast.client.packing import Packer, PackingConfig
 from logitcast.client.teacher_client import MemoryTargetCache, TeacherClient
+from logitcast.data.packing import Packer, PackingConfig
 from logitcast.ops import TargetSpec
 from logitcast.server.fleet import free_port
 from logitcast.trainer.metrics import TrainerMetrics
-from tests.client.conftest import write_corpus
+from tests.data.conftest import write_corpus
 from tests.server.conftest import ServerThread
 
 PROMETHEUS = shutil.which("prometheus")

@@ -5,8 +5,8 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from logitcast.client.packing import PackedBatch
 from logitcast.client.teacher_client import TeacherClient
+from logitcast.data.packing import PackedBatch
 from logitcast.ops import TargetSpec
 from logitcast.ops.codec import encode
 from logitcast.ops.rowkey import row_key

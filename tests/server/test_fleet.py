@@ -10,13 +10,13 @@ import torch
 
 from logitcast.cache import CacheNamespace
 from logitcast.client.offline import CacheSource
-from logitcast.client.packing import Packer, PackingConfig
 from logitcast.client.teacher_client import TeacherClient
+from logitcast.data.packing import Packer, PackingConfig
 from logitcast.ops import TargetSpec
 from logitcast.ops.codec import encode
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
 from logitcast.server.fleet import free_port
-from tests.client.conftest import write_corpus
+from tests.data.conftest import write_corpus
 from tests.server.conftest import ServerThread, distill_request, start_fleet, stop_process
 
 pytestmark = pytest.mark.slow

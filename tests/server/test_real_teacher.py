@@ -4,7 +4,7 @@ import grpc
 import pytest
 import torch
 
-from logitcast.client.corpus import stdlib_documents
+from logitcast.data.corpus import stdlib_documents
 from logitcast.ops import SparseTargets, TargetSpec
 from logitcast.ops.codec import decode
 from logitcast.protos import teacher_pb2 as pb

@@ -19,8 +19,8 @@ import torch
 
 from logitcast.cache import CacheNamespace
 from logitcast.client.offline import CacheSource
-from logitcast.client.packing import Packer, PackingConfig
 from logitcast.client.teacher_client import TeacherClient
+from logitcast.data.packing import Packer, PackingConfig
 from logitcast.ops import SparseTargets, TargetSpec
 from logitcast.ops.codec import VERSION, decode, encode
 from logitcast.protos import teacher_pb2 as pb
@@ -49,7 +49,7 @@ def text_rows(teacher_dir):
     """ROWS x SEQ tokens of real Python source, tokenized by the teacher's tokenizer."""
     from transformers import AutoTokenizer
 
-    from logitcast.client.corpus import stdlib_documents
+    from logitcast.data.corpus import stdlib_documents
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     ids: list[int] = []
@@ -205,7 +205,7 @@ def test_on_gpu_the_batch_invariant_mode_gives_a_row_the_same_bytes_in_any_batch
 
 
 def test_served_end_to_end_with_the_normal_client_and_the_cache_tee(vllm_server, tmp_path):
-    from tests.client.conftest import write_corpus
+    from tests.data.conftest import write_corpus
 
     address, info, tmp = vllm_server
     corpus = write_corpus(tmp_path / "tokens", vocab=info.vocab_size,

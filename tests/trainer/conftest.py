@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from logitcast.server.fleet import free_port
-from tests.client.conftest import write_corpus
+from tests.data.conftest import write_corpus
 from tests.server.conftest import ServerThread
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from logitcast.client.dataset import DistillDataset
-from logitcast.client.packing import Packer, PackingConfig
 from logitcast.client.teacher_client import TeacherClient
+from logitcast.data.packing import Packer, PackingConfig
 from logitcast.ops import KDConfig, TargetSpec
 from logitcast.trainer.hf import DistillationTrainer, distill_collate
 from logitcast.trainer.students import build_student

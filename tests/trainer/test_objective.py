@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from logitcast.client.packing import IGNORE
+from logitcast.data.packing import IGNORE
 from logitcast.ops import KDConfig, TargetSpec, row_positions, sparsify
 from logitcast.trainer.objective import (
     ECE_BINS,

@@ -16,7 +16,7 @@ from logitcast.trainer.prune import (
     prune_model,
     write_pruned,
 )
-from tests.client.conftest import write_corpus
+from tests.data.conftest import write_corpus
 
 VOCAB = 1024
 
@@ -248,8 +248,8 @@ def test_cli_prunes_a_model_directory_end_to_end(teacher_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_pruned_smollm2_starts_far_better_than_random_or_evenly_spaced_blocks(tmp_path):
-    from logitcast.client.corpus import stdlib_documents
-    from logitcast.client.shards import ShardWriter, TokenCorpus
+    from logitcast.data.corpus import stdlib_documents
+    from logitcast.data.shards import ShardWriter, TokenCorpus
     from logitcast.server.embedded import load_embedded_teacher, tokenizer_fingerprint
 
     teacher, tok = load_embedded_teacher(dtype=torch.float32)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from logitcast.client.shards import TokenCorpus
+from logitcast.data.shards import TokenCorpus
 from logitcast.ops.rowkey import row_key
 
 IGNORE = -100

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from logitcast.client.packing import IGNORE, Packer, PackingConfig
-from logitcast.client.shards import TokenCorpus
+from logitcast.data.packing import IGNORE, Packer, PackingConfig
+from logitcast.data.shards import TokenCorpus
 from logitcast.ops.rowkey import row_key
-from tests.client.conftest import write_corpus
+from tests.data.conftest import write_corpus
 
 
 @pytest.fixture

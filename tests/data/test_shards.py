@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from logitcast.client.shards import ShardError, ShardWriter, TokenCorpus
-from logitcast.client.tokenize import documents, list_sources, tokenize_sources
+from logitcast.data.shards import ShardError, ShardWriter, TokenCorpus
+from logitcast.data.tokenize import documents, list_sources, tokenize_sources
 
 
 class WhitespaceTokenizer:

@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from logitcast.client.shards import ShardWriter
+from logitcast.data.shards import ShardWriter
 
 logger = logging.getLogger(__name__)
 
