@@ -19,6 +19,7 @@ VERBS = {
     "fleet": ("fleet", "up: a local teacher fleet on Ray Serve behind its gRPC proxy"),
     "tokenize": ("tokenize", "text files, JSONL, Parquet or HF datasets -> token shards"),
     "cache": ("cache", "stats | verify | compact | export a target cache"),
+    "select": ("select", "MiniPLM difference sampling: keep the top ratio by teacher - reference"),
     "prune": ("prune", "a student pruned from the teacher: depth and width, an HF model directory"),
     "train": ("train", "train a student with DeepSpeed on online, cached or no targets"),
     "demo": ("demo", "the pipeline end to end with the embedded teacher"),

@@ -110,6 +110,30 @@ def is_local_target(address: str) -> bool:
     return loopback(address)
 
 
+def open_channels(addresses: list[str], *, auth_token: str | None = None,
+                  tls_root_certs: bytes | None = None, application: str | None = None,
+                  allow_insecure_auth: bool = False) -> tuple[list[grpc.Channel], list]:
+    """(one channel per address, call metadata): what every client of the fleet opens.
+    A bearer token goes unencrypted only to loopback addresses or with allow_insecure_auth;
+    `application` names the Ray Serve application behind a gRPC proxy."""
+    if not addresses:
+        raise ValueError("at least one teacher address is needed")
+    if auth_token and not tls_root_certs and not allow_insecure_auth:
+        exposed = [a for a in addresses if not is_local_target(a)]
+        if exposed:
+            raise ValueError(
+                f"refusing to send the bearer token unencrypted to {', '.join(exposed)}: "
+                f"use TLS (tls_root_certs=...) or pass allow_insecure_auth=True")
+    meta = [("authorization", f"Bearer {auth_token}")] if auth_token else []
+    if application:
+        meta.append(("application", application))
+    opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    creds = grpc.ssl_channel_credentials(tls_root_certs) if tls_root_certs else None
+    return [grpc.secure_channel(a, creds, options=opts) if creds
+            else grpc.insecure_channel(a, options=opts) for a in addresses], meta
+
+
 class TeacherClient:
     """Client of a teacher fleet (one or more addresses)."""
 
@@ -145,14 +169,6 @@ class TeacherClient:
         `application` metadata when the addresses are Ray Serve gRPC proxies.
         allow_insecure_auth: send `auth_token` without TLS to addresses off this machine
         (refused by default; loopback and unix sockets are always allowed)."""
-        if not addresses:
-            raise ValueError("at least one teacher address is needed")
-        if auth_token and not tls_root_certs and not allow_insecure_auth:
-            exposed = [a for a in addresses if not is_local_target(a)]
-            if exposed:
-                raise ValueError(
-                    f"refusing to send the bearer token unencrypted to {', '.join(exposed)}: "
-                    f"use TLS (tls_root_certs=...) or pass allow_insecure_auth=True")
         if prefetch < 1 or max_tries < 1:
             raise ValueError(f"prefetch and max_tries must be >= 1, got {prefetch}, {max_tries}")
         self.addresses, self.spec, self.cache = list(addresses), spec, cache
@@ -163,14 +179,9 @@ class TeacherClient:
         self.prefetch, self.max_tries, self.timeout_s = prefetch, max_tries, timeout_s
         self.backoff_s, self.extras, self.device = backoff_s, extras, torch.device(device)
         self.metrics = metrics or ClientMetrics()
-        self._meta = [("authorization", f"Bearer {auth_token}")] if auth_token else []
-        if application:
-            self._meta.append(("application", application))
-        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        creds = grpc.ssl_channel_credentials(tls_root_certs) if tls_root_certs else None
-        self._channels = [grpc.secure_channel(a, creds, options=opts) if creds
-                          else grpc.insecure_channel(a, options=opts) for a in self.addresses]
+        self._channels, self._meta = open_channels(
+            self.addresses, auth_token=auth_token, tls_root_certs=tls_root_certs,
+            application=application, allow_insecure_auth=allow_insecure_auth)
         self._stubs = [pb_grpc.TeacherStub(c) for c in self._channels]
         self._pool = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="teacher-client")
         self.teacher_id = self._check_fleet(tokenizer_fingerprint, vocab_size, teacher_id)
