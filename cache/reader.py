@@ -287,6 +287,16 @@ class CacheReader:
             self.refresh()  # a shard was sealed or compacted away: look again
         return None
 
+    def copies(self, key: bytes) -> Iterator[bytes]:
+        """Every intact stored payload of `key`, in the order `get` tries them (damaged or
+        vanished copies are skipped): a key recorded again, at a later teacher step,
+        has several different ones (cache/steps.py says which one is meant)."""
+        for shard, offset, length in list(self._where(key)):
+            try:
+                yield bytes(check_record(self._read(shard, offset, length), shard, offset, key))
+            except (OSError, ValueError, OverflowError):  # CacheCorruptError is a ValueError
+                continue
+
     def _read(self, shard: str, offset: int, length: int):
         if not self.readahead_bytes or length >= self.readahead_bytes:
             return self.storage.read(shard, offset, length)

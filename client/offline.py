@@ -9,10 +9,18 @@ record (every stored copy failed its checks) is an error naming the step, row,
 shard and offset, or, with on_corrupt="skip", a unit without targets (as for
 padding), counted in `logitcast_client_cache_corrupt_records_total` and logged
 once per shard.
+
+Targets recorded while a teacher trained (`logitcast.trainer.record`) carry the
+teacher step in the namespace's step logs (cache/steps.py): `steps=(lo, hi)`
+serves only rows recorded at steps lo <= step < hi (a row outside the window,
+or without a step, is a `CacheMissError` naming its step), a row recorded at
+several steps is served from its latest record, and `served_steps` counts the
+units served per teacher step.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Iterable, Iterator
@@ -22,6 +30,7 @@ from pathlib import Path
 import torch
 
 from logitcast.cache import CacheCorruptError, CacheNamespace, CacheReader, Storage
+from logitcast.cache.steps import check_step_window, payload_digest, read_step_logs
 from logitcast.client.metrics import ClientMetrics
 from logitcast.client.steps import StepTargets, batch_units, is_padding, prefetched
 from logitcast.data.packing import PackedBatch
@@ -44,11 +53,13 @@ class CacheSource:
     def __init__(self, root: str | Path | Storage, stored: CacheNamespace, *,
                  spec: TargetSpec | None = None, device: str | torch.device = "cpu",
                  prefetch: int = 2, metrics: ClientMetrics | None = None,
-                 on_corrupt: str = "error") -> None:
+                 on_corrupt: str = "error", steps: tuple[int, int] | None = None) -> None:
         """on_corrupt: what a damaged record does: "error" (raise CacheCorruptError) or
-        "skip" (that unit gets no targets, like padding)."""
+        "skip" (that unit gets no targets, like padding). steps: (lo, hi), serve only
+        targets recorded at teacher steps lo <= step < hi (a recorded namespace only)."""
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+        self.steps = None if steps is None else check_step_window(steps)
         self.stored, self.spec, self.on_corrupt = stored, spec or stored.spec, on_corrupt
         if not can_derive(stored.spec, self.spec):
             raise ValueError(f"cannot derive {self.spec.key()} from the cached "
@@ -59,6 +70,11 @@ class CacheSource:
             if self.reader.dir is None:
                 raise FileNotFoundError(f"no cache namespace {stored.name} under "
                                         f"{self.reader.storage.url}")
+            self.step_of, self.runs = read_step_logs(self.reader.storage, self.reader.dir)
+            if self.steps is not None and not self.runs:
+                raise ValueError(f"cache namespace {self.where} has no step logs (its targets "
+                                 f"were not recorded during teacher training); a teacher-step "
+                                 f"window {list(self.steps)} cannot apply")
             self.vocab_size = self._vocab_size()
         except BaseException:
             self.reader.close()
@@ -69,6 +85,14 @@ class CacheSource:
         self.prefetch = prefetch
         self._logged_shards: set[str] = set()
         self._lock = threading.Lock()
+        self._served: collections.Counter = collections.Counter()
+
+    @property
+    def served_steps(self) -> collections.Counter:
+        """Units served per teacher step (None: recorded without a step log entry); empty
+        for a namespace that was not recorded during teacher training."""
+        with self._lock:
+            return collections.Counter(self._served)
 
     def _vocab_size(self) -> int:
         """From the first readable record (`fetch` reports damaged ones where they are used)."""
@@ -89,7 +113,7 @@ class CacheSource:
                 continue
             key = row_key(batch.input_ids[r, s:e])
             try:
-                payload = self.reader.get(key)
+                payload = self._get(key, f"step {batch.step} row {r} [{s}:{e}]")
             except CacheCorruptError as exc:
                 if self.on_corrupt == "error":
                     raise CacheCorruptError(
@@ -112,6 +136,32 @@ class CacheSource:
         targets = SparseTargets.cat(parts)
         return StepTargets(batch, targets.to(self.device) if self.device.type != "cpu" else targets,
                            len(parts) - skipped)
+
+    def _get(self, key: bytes, what: str) -> bytes | None:
+        """The payload to serve for `key`: with step logs, the copy of its latest recorded
+        step (CacheMissError outside the window); else the reader's."""
+        if not self.runs:
+            return self.reader.get(key)
+        entry = self.step_of.get(key)
+        step = None if entry is None else entry.step
+        if self.steps is not None and (step is None or not self.steps[0] <= step < self.steps[1]):
+            if self.reader.contains(key):
+                raise CacheMissError(
+                    f"{what} was recorded at teacher step "
+                    f"{'(unknown: no step-log entry)' if step is None else step}, outside the "
+                    f"window [{self.steps[0]}, {self.steps[1]}) in cache {self.where}")
+            return None
+        payload = self.reader.get(key)
+        if payload is not None and entry is not None and payload_digest(payload) != entry.digest:
+            payload = next((p for p in self.reader.copies(key)
+                            if payload_digest(p) == entry.digest), None)
+            if payload is None:
+                raise CacheCorruptError(f"{what}: the record of teacher step {step} that the "
+                                        f"step log names is not in cache {self.where}")
+        if payload is not None:
+            with self._lock:
+                self._served[step] += 1
+        return payload
 
     def _empty(self, n: int) -> SparseTargets:
         return SparseTargets.empty(n, self.vocab_size, tail_from_counts=self.spec.proposal_t == 1.0)

@@ -82,3 +82,17 @@ def draw_coordinates(tokens: torch.Tensor, document_ids: torch.Tensor | None = N
         draw[r, s:e] = draw_key(key)
         pos[r, s:e] = torch.arange(e - s)
     return keys, draw.reshape(-1), pos.reshape(-1)
+
+
+def next_token_labels(tokens: torch.Tensor, document_ids: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """int64 [B, T]: the true next token of every position as a teacher sees it from the
+    tokens alone (the log-prob extra's label): the next token of the row, -1 at a row's
+    last position and before another document's first token.
+
+    tokens: int [B, T]; document_ids: int [B, T] or None. Same device as `tokens`.
+    """
+    labels = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1).long()
+    if document_ids is not None:
+        labels[:, :-1][document_ids[:, 1:] != document_ids[:, :-1]] = -1
+    return labels

@@ -41,7 +41,7 @@ from logitcast.cache import CacheNamespace
 from logitcast.ops import SparseTargets, sparsify
 from logitcast.ops.codec import encode
 from logitcast.ops.errors import NonFiniteLogitsError
-from logitcast.ops.rowkey import draw_coordinates, row_key, units
+from logitcast.ops.rowkey import draw_coordinates, next_token_labels, row_key, units
 from logitcast.server.backends import TeacherBackend
 from logitcast.server.errors import (
     DrainingError,
@@ -318,9 +318,7 @@ class Engine:
         seq, dev, ppc = job.seq_len, hidden.device, self.config.positions_per_chunk
         tok = job.tokens[start:start + count]
         docs = None if job.document_ids is None else job.document_ids[start:start + count]
-        labels = torch.cat([tok[:, 1:], torch.full_like(tok[:, :1], -1)], dim=1)
-        if docs is not None:
-            labels[:, :-1][docs[:, 1:] != docs[:, :-1]] = -1  # next token is another document's
+        labels = next_token_labels(tok, docs)
         for r0 in range(0, count, job.rows_per_chunk):
             if job.closed:
                 break

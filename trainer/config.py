@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from logitcast.cache.steps import check_step_window
 from logitcast.data.packing import PackingConfig
 from logitcast.ops import KD_LOSSES, TargetSpec
 from logitcast.ops.kd_terms import HEAD_LOSSES
@@ -105,6 +106,9 @@ class TeacherConfig:
     application: str | None = None
     """online: the Ray Serve application name when the addresses are Ray Serve gRPC
     proxies (`logitcast fleet up` serves 'logitcast')."""
+    steps: list[int] | None = None
+    """cache: [lo, hi), serve only targets recorded at teacher steps lo <= step < hi
+    (a recorded run, `record`); a row recorded outside it is a miss. None: all."""
 
     def __post_init__(self) -> None:
         if self.source not in ("online", "cache", "none"):
@@ -120,6 +124,14 @@ class TeacherConfig:
                               f"got {self.cache_on_corrupt!r}")
         if self.prefetch < 1:
             raise ConfigError(f"teacher.prefetch must be >= 1, got {self.prefetch}")
+        if self.steps is not None:
+            if self.source != "cache":
+                raise ConfigError(f"teacher.steps (a window of recorded teacher steps) needs "
+                                  f"teacher.source cache, got {self.source!r}")
+            try:
+                check_step_window(self.steps)
+            except ValueError as exc:
+                raise ConfigError(f"teacher.steps: {exc}") from exc
         self.target_spec()
         self.stored_target_spec()
 
@@ -135,6 +147,46 @@ def _spec(name: str, d: dict) -> TargetSpec:
         return TargetSpec.from_dict(d)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{name}: {exc}") from exc
+
+
+@dataclass(kw_only=True)
+class RecordConfig:
+    """Teacher-recording mode (PD §3.5): the model trained here (plain CE) is the teacher,
+    and the sparse targets of every row it trains on go into a target cache."""
+
+    cache_dir: str | None = None
+    """Local cache directory to record into; None: no recording."""
+    run: str | None = None
+    """Run name; the namespace's teacher id is `record:<run>`. None: output_dir's name."""
+    spec: dict[str, Any] = field(default_factory=lambda: {"method": "sample", "unique": 12.0})
+    """The recorded targets (`TargetSpec` fields); RS-12 as the trainer asks servers for."""
+    extras: list[str] = field(default_factory=lambda: ["logprob"])
+    """Per-position floats stored with the targets: logprob, entropy."""
+    chunk_size: int = 256
+    """Positions whose logits exist at once while sparsifying (a server's default)."""
+    max_queue: int = 8
+    """Micro-batches of targets waiting for the cache writer; beyond it training waits."""
+    queue_timeout_s: float = 600.0
+    """Training waiting this long for room in the queue is an error (a stuck writer)."""
+    shard_bytes: int = 256 << 20
+    """Cache shard size."""
+
+    def __post_init__(self) -> None:
+        if self.run is not None and not self.run:
+            raise ConfigError("record.run is empty; leave it out to use output_dir's name")
+        for name in ("chunk_size", "max_queue", "queue_timeout_s", "shard_bytes"):
+            _positive(f"record.{name}", getattr(self, name))
+        bad = sorted(set(self.extras) - {"logprob", "entropy"})
+        if bad:
+            raise ConfigError(f"record.extras {bad} unknown; choose from logprob, entropy")
+        self.target_spec()
+
+    @property
+    def enabled(self) -> bool:
+        return self.cache_dir is not None
+
+    def target_spec(self) -> TargetSpec:
+        return _spec("record.spec", self.spec)
 
 
 @dataclass(kw_only=True)
@@ -326,6 +378,7 @@ class TrainConfig:
     data: DataConfig
     """Required: at least data.train_tokens."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -358,6 +411,14 @@ class TrainConfig:
         if self.teacher.cache_on_corrupt == "skip" and self.loss.kd in HEAD_LOSSES:
             raise ConfigError(f"teacher.cache_on_corrupt=skip leaves rows without head entries, "
                               f"which loss.kd={self.loss.kd} needs at every position")
+        if self.record.enabled and self.teacher.source != "none":
+            raise ConfigError(f"record: a recording run trains with plain CE; teacher.source "
+                              f"must be none, got {self.teacher.source!r}")
+        if self.record.enabled and self.data.mode != "rows":
+            raise ConfigError("record needs data.mode=rows: in document mode the trainer "
+                              "attends within documents through a mask while a teacher server "
+                              "runs each document alone, so the targets would not be the "
+                              "server's bytes")
         if self.eval.source == "same" and self.teacher.source == "none":
             self.eval.source = "none"
 

@@ -5,7 +5,8 @@ target sources, metrics), maybe resume, then for each step: this rank's rows
 (`Packer.batch(step, rank, world)`) with their targets from the source,
 gradient accumulation over micro batches, one optimizer step with the
 scheduled alpha and LR; every `eval.every` steps a held-out evaluation; every
-`save_every` steps a checkpoint. Rank 0 writes `log.jsonl`, shows a tqdm bar
+`save_every` steps a checkpoint. In recording mode (`record`) every training
+forward also hands its last hidden state to a `TargetRecorder`. Rank 0 writes `log.jsonl`, shows a tqdm bar
 and exports the student at the end. The loss logged for a step is the mean
 over ranks and micro batches, so runs with any world size compare directly.
 
@@ -32,6 +33,7 @@ from logitcast.trainer import checkpoint
 from logitcast.trainer.config import ConfigError, TrainConfig, schedule
 from logitcast.trainer.metrics import TrainerMetrics, write_scrape_target
 from logitcast.trainer.objective import DistillObjective, evaluate_batch, summarize
+from logitcast.trainer.record import TargetRecorder
 from logitcast.trainer.sources import open_source
 from logitcast.trainer.students import build_student, num_parameters
 
@@ -129,7 +131,8 @@ class Trainer:
                   "rank": self.rank, "device": str(self.device)}
         self.source = open_source(t.source, spec=t.target_spec(), stored_spec=t.stored_target_spec(),
                                   write_cache=t.write_cache, prefetch=t.prefetch,
-                                  metrics=self.metrics.client, **common)
+                                  metrics=self.metrics.client, steps=t.steps, **common)
+        self.recorder = self._recorder()
         self.eval_rows = self._eval_rows(common)
         self.start_step = self._maybe_resume()
 
@@ -154,6 +157,20 @@ class Trainer:
         ds["bf16"] = {"enabled": self.bf16}
         ds.setdefault("steps_per_print", 1 << 30)
         return ds
+
+    def _recorder(self) -> TargetRecorder | None:
+        """Recording mode: a TargetRecorder fed by every training forward."""
+        r = self.config.record
+        if not r.enabled:
+            return None
+        recorder = TargetRecorder(r.cache_dir, run=r.run or self.out.resolve().name,
+                                  tokenizer_fingerprint=self.fingerprint,
+                                  spec=r.target_spec(), rank=self.rank, extras=tuple(r.extras),
+                                  chunk_size=r.chunk_size, max_queue=r.max_queue,
+                                  queue_timeout_s=r.queue_timeout_s, shard_bytes=r.shard_bytes,
+                                  metrics=self.metrics)
+        self.engine.module.on_hidden = recorder
+        return recorder
 
     def _eval_rows(self, common: dict):
         """[(batch, targets or None)] of this rank's held-out rows, fetched once."""
@@ -246,6 +263,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sums = torch.zeros(3, dtype=torch.float64)
+        if self.recorder is not None:
+            self.recorder.step = step
         for i in range(self.accum):
             rows = slice(i * self.micro, (i + 1) * self.micro)
             part = None if targets is None else \
@@ -337,10 +356,17 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
-        if self.source is not None:
-            self.source.close()
-        if self._sd_file is not None:  # a finished rank is gone, not down
-            self._sd_file.unlink(missing_ok=True)
+        """Close the target source and the recorder (raising a recording error not yet
+        raised: records still queued are written first)."""
+        try:
+            if self.recorder is not None:
+                self.engine.module.on_hidden = None
+                self.recorder.close()
+        finally:
+            if self.source is not None:
+                self.source.close()
+            if self._sd_file is not None:  # a finished rank is gone, not down
+                self._sd_file.unlink(missing_ok=True)
 
     def __enter__(self) -> Trainer:
         return self

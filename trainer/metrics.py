@@ -39,6 +39,19 @@ class TrainerMetrics:
                                        "Tokens/s of the last step on this rank", registry=r)
         self.eval = Gauge("logitcast_trainer_eval", "Last held-out evaluation by metric",
                           ["metric"], registry=r)
+        # recording mode (trainer/record.py)
+        self.record_records = Counter("logitcast_trainer_recorded_records",
+                                      "Row records written to the cache while recording",
+                                      registry=r)
+        self.record_bytes = Counter("logitcast_trainer_recorded_bytes",
+                                    "Payload bytes of the records written while recording",
+                                    registry=r)
+        self.record_backpressure_seconds = Counter(
+            "logitcast_trainer_record_backpressure_seconds",
+            "Seconds training waited for room in the recording queue", registry=r)
+        self.record_queue = Gauge("logitcast_trainer_record_queue",
+                                  "Micro-batches of targets waiting for the recording writer",
+                                  registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Start /metrics on host:port (port 0: any free port); returns the bound port."""

@@ -18,6 +18,8 @@ where targets come from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from logitcast.data.packing import IGNORE
@@ -52,16 +54,21 @@ def last_hidden(model: torch.nn.Module, input_ids: torch.Tensor,
 def student_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                  targets: SparseTargets | None, *, alpha: float, config: KDConfig | None = None,
                  document_ids: torch.Tensor | None = None, fused: bool = True,
-                 chunk_size: int = 512) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 chunk_size: int = 512, on_hidden: Callable | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(total with grad, {"lm", "kd"} detached) for one batch.
 
     input_ids, labels: int64 [B, T] (labels are the next tokens, IGNORE where nothing
     counts); targets: `SparseTargets` over the B*T positions in row-major order, on the
-    model's device (None only when alpha = 0).
+    model's device (None only when alpha = 0). on_hidden: called as
+    on_hidden(hidden [B*T, d], lm_head weight [V, d], input_ids), both detached, before
+    the loss (a `trainer.record.TargetRecorder`).
     """
     config = config or KDConfig(ignore_index=IGNORE)
     hidden = last_hidden(model, input_ids, document_ids)
     weight = model.get_output_embeddings().weight
+    if on_hidden is not None:
+        on_hidden(hidden.detach(), weight.detach(), input_ids)
     flat = labels.reshape(-1)
     if fused:
         return fused_distill_loss(hidden, weight.to(hidden.dtype), targets, flat, alpha=alpha,
@@ -77,6 +84,7 @@ class DistillObjective(torch.nn.Module):
                  chunk_size: int = 512, zero3: bool = False) -> None:
         super().__init__()
         self.student, self.config, self.fused, self.chunk_size = student, config, fused, chunk_size
+        self.on_hidden: Callable | None = None  # recording mode: a TargetRecorder
         if zero3:  # the LM head weight is read directly, not through lm_head.forward
             import deepspeed
 
@@ -88,7 +96,7 @@ class DistillObjective(torch.nn.Module):
                 document_ids: torch.Tensor | None = None):
         return student_loss(self.student, input_ids, labels, targets, alpha=alpha,
                             config=self.config, document_ids=document_ids, fused=self.fused,
-                            chunk_size=self.chunk_size)
+                            chunk_size=self.chunk_size, on_hidden=self.on_hidden)
 
 
 def empty_sums() -> dict[str, torch.Tensor]:

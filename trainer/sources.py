@@ -46,9 +46,13 @@ def open_source(source: str, *, spec: TargetSpec, stored_spec: TargetSpec | None
                 teacher_id: str | None = None, prefetch: int = 4,
                 auth_token: str | None = None, allow_insecure_auth: bool = False,
                 application: str | None = None, rank: int = 0, device: str = "cpu",
-                extras: tuple[str, ...] = ("logprob",), metrics: ClientMetrics | None = None):
+                extras: tuple[str, ...] = ("logprob",), metrics: ClientMetrics | None = None,
+                steps: tuple[int, int] | list[int] | None = None):
     """TeacherClient (online), CacheSource (cache) or None (none). cache_on_corrupt: the
-    CacheSource's `on_corrupt` (online, a damaged record is always fetched again)."""
+    CacheSource's `on_corrupt` (online, a damaged record is always fetched again).
+    steps: cache only, the window [lo, hi) of recorded teacher steps served."""
+    if steps is not None and source != "cache":
+        raise ValueError(f"a teacher-step window needs the cache source, got {source!r}")
     if source == "none":
         return None
     if source == "online":
@@ -64,7 +68,8 @@ def open_source(source: str, *, spec: TargetSpec, stored_spec: TargetSpec | None
                                 spec=stored_spec or spec, document_mode=document_mode,
                                 teacher_id=teacher_id)
         src = CacheSource(cache_dir, stored, spec=spec, device=device, prefetch=prefetch,
-                          metrics=metrics, on_corrupt=cache_on_corrupt)
+                          metrics=metrics, on_corrupt=cache_on_corrupt,
+                          steps=None if steps is None else tuple(steps))
         if src.vocab_size != vocab_size:
             src.close()
             raise ValueError(f"cache {cache_dir} targets index a vocabulary of "

@@ -1,0 +1,221 @@
+"""Teacher-recording mode (PD §3.5, "online logits"): a model training with plain CE
+stores the sparse targets of every row it trains on, for smaller students later.
+
+`TargetRecorder` is called from the training forward with the last hidden state
+it computed anyway: on the training thread, before the optimizer step changes
+the weights, it forms the logits a few hundred positions at a time (never
+[tokens x V]) and sparsifies them exactly as a teacher server does (draw
+coordinates from `ops.rowkey.draw_coordinates`, labels from
+`next_token_labels`, `ops.sparsify`, one `encode` per row), so each record is
+the bytes a server holding these weights would tee. A background thread
+encodes and appends the records with a `CacheWriter` and then one line per
+micro-batch to the writer's step log (cache/steps.py), which names the
+teacher step. Between the two threads is a bounded queue: when it is full the
+training step waits (back-pressure, counted in
+`logitcast_trainer_record_backpressure_seconds_total`) and after
+`queue_timeout_s` raises `RecordingError`; nothing is dropped. A write error
+stops recording and is raised by the next call (or `close`).
+
+The namespace is teacher `record:<run>`, the trainer's tokenizer, the spec,
+row mode; writer id `record_rank<rank>`, so a resumed run appends to the same
+shards and step log. A row recorded again (a later epoch) is appended again
+(`put(..., replace=True)`; the open shard is sealed first when it holds the
+key) and its step-log entry names the newer step and payload. A kill leaves
+readable shards plus at most a torn tail in each file, which the next open
+truncates. What this module does not know: the training loop, DeepSpeed,
+document mode (refused: the trainer's masked forward is not a server's
+per-document forward, so the bytes would differ), object stores (the step log
+is appended on local disk).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from logitcast.cache import CacheNamespace, CacheWriter, open_storage
+from logitcast.cache.steps import StepLogWriter, payload_digest
+from logitcast.ops import SparseTargets, TargetSpec, sparsify
+from logitcast.ops.codec import EXTRAS, encode
+from logitcast.ops.rowkey import draw_coordinates, next_token_labels
+
+logger = logging.getLogger(__name__)
+
+#: teacher_id prefix of a recorded run's namespace: `record:<run name>`.
+RECORD_PREFIX = "record:"
+_STOP = object()
+
+
+class RecordingError(RuntimeError):
+    """Recording targets failed (writer error, stuck queue); the message says where."""
+
+
+def record_namespace(run: str, *, tokenizer_fingerprint: str, spec: TargetSpec) -> CacheNamespace:
+    """The cache namespace of run `run`'s recorded targets (row mode)."""
+    if not run or not isinstance(run, str):
+        raise ValueError(f"a recording run needs a name, got {run!r}")
+    return CacheNamespace(teacher_id=RECORD_PREFIX + run,
+                          tokenizer_fingerprint=tokenizer_fingerprint, spec=spec)
+
+
+class TargetRecorder:
+    """Sparse targets of the rows a model trains on, written to a local target cache.
+
+    Call it as `recorder(hidden, weight, input_ids)` from each training forward after
+    setting `recorder.step`; `close()` drains the queue, seals and raises any error."""
+
+    def __init__(self, root: str | Path, *, run: str, tokenizer_fingerprint: str,
+                 spec: TargetSpec, rank: int = 0, extras: tuple[str, ...] = ("logprob",),
+                 chunk_size: int = 256, max_queue: int = 8, queue_timeout_s: float = 600.0,
+                 shard_bytes: int = 256 << 20, metrics=None) -> None:
+        """root: a local cache directory. extras: per-position floats stored with the
+        targets ("logprob", "entropy"). chunk_size: positions whose logits exist at once.
+        max_queue: micro-batches of targets waiting for the writer. metrics:
+        `TrainerMetrics` or None."""
+        unknown = set(extras) - set(EXTRAS)
+        if unknown:
+            raise ValueError(f"record extras {sorted(unknown)} unknown; choose from "
+                             f"{sorted(EXTRAS)}")
+        if chunk_size < 1 or max_queue < 1 or not queue_timeout_s > 0:
+            raise ValueError(f"chunk_size and max_queue must be >= 1 and queue_timeout_s > 0, "
+                             f"got {chunk_size}, {max_queue}, {queue_timeout_s}")
+        storage = open_storage(root)
+        if not storage.is_local:
+            raise ValueError(f"recording needs a local cache directory (its step log is "
+                             f"appended in place), got {storage.url}; record locally and "
+                             f"copy the namespace directory to the object store")
+        self.spec, self.extras, self.chunk_size = spec, tuple(extras), chunk_size
+        self.queue_timeout_s, self.metrics = queue_timeout_s, metrics
+        self.namespace = record_namespace(run, tokenizer_fingerprint=tokenizer_fingerprint,
+                                          spec=spec)
+        self.writer = CacheWriter(storage, self.namespace, writer_id=f"record_rank{rank}",
+                                  shard_bytes=shard_bytes, skip_existing=False)
+        self.where = f"{storage.url}/{self.writer.dir}"
+        try:
+            self.step_log = StepLogWriter(storage.staging_dir(self.writer.dir),
+                                          writer_id=self.writer.writer_id, run=run)
+        except BaseException:
+            self.writer.close()
+            raise
+        self.step = 0
+        self.records = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._error: tuple[int, BaseException] | None = None
+        self._reported = self._closed = False
+        self._thread = threading.Thread(target=self._write_loop, name="target-recorder",
+                                        daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ training thread
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+                 document_ids: torch.Tensor | None = None) -> None:
+        """Record one micro-batch. hidden: [B*T, d] last hidden states (detached);
+        weight: [V, d] LM head; input_ids: int64 [B, T]."""
+        if document_ids is not None:
+            raise RecordingError("recording needs data.mode=rows (document mode is refused)")
+        self._raise_error()
+        keys, targets = self.targets(hidden, weight, input_ids)
+        self._put((self.step, keys, targets, input_ids.shape[1]))
+
+    @torch.no_grad()
+    def targets(self, hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor
+                ) -> tuple[list[bytes], SparseTargets]:
+        """(row keys, host `SparseTargets` over the B*T positions) of one micro-batch, the
+        server's way: logits chunk by chunk as float32, draw coordinates from the tokens."""
+        b, t = input_ids.shape
+        if hidden.shape[0] != b * t:
+            raise ValueError(f"hidden has {hidden.shape[0]} positions, input_ids {b}x{t}")
+        keys, draw, pos = draw_coordinates(input_ids)
+        dev, cs = hidden.device, self.chunk_size
+        draw, pos = draw.to(dev), pos.to(dev)
+        labels = next_token_labels(input_ids).reshape(-1).to(dev)
+        parts = []
+        for p in range(0, b * t, cs):
+            logits = torch.nn.functional.linear(hidden[p:p + cs], weight).float()
+            parts.append(sparsify(logits, self.spec, row_keys=draw[p:p + cs],
+                                  positions=pos[p:p + cs], labels=labels[p:p + cs],
+                                  chunk_size=cs, entropy="entropy" in self.extras))
+        return keys, SparseTargets.cat(parts).to("cpu")
+
+    def _put(self, item: tuple) -> None:
+        t0 = time.perf_counter()
+        while True:
+            try:
+                self._queue.put(item, timeout=0.05)
+                break
+            except queue.Full:
+                self._raise_error()
+                if time.perf_counter() - t0 > self.queue_timeout_s:
+                    raise RecordingError(
+                        f"recording queue full for {self.queue_timeout_s:g} s "
+                        f"({self._queue.maxsize} micro-batches waiting): the cache writer "
+                        f"of {self.where} is stuck or far slower than training") from None
+        waited = time.perf_counter() - t0
+        if self.metrics is not None:
+            if waited > 1e-4:
+                self.metrics.record_backpressure_seconds.inc(waited)
+            self.metrics.record_queue.set(self._queue.qsize())
+
+    def _raise_error(self) -> None:
+        if self._error is not None and not self._reported:
+            self._reported = True
+            step, exc = self._error
+            raise RecordingError(f"recording targets into {self.where} failed at teacher step "
+                                 f"{step}: {type(exc).__name__}: {exc}") from exc
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _write_loop(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            if self._error is None:
+                try:
+                    self._write(*item)
+                except BaseException as exc:  # surfaced on the training thread
+                    logger.error("recording failed at step %d: %s", item[0], exc)
+                    self._error = (item[0], exc)
+
+    def _write(self, step: int, keys: list[bytes], targets: SparseTargets, seq: int) -> None:
+        digests, nbytes = [], 0
+        for r, key in enumerate(keys):
+            payload = encode(targets[r * seq:(r + 1) * seq], extras=self.extras)
+            if not self.writer.put(key, payload, replace=True):
+                self.writer.seal()  # the open shard holds this row from an earlier step
+                self.writer.put(key, payload, replace=True)
+            digests.append(payload_digest(payload))
+            nbytes += len(payload)
+        self.step_log.append(step, keys, digests)
+        self.records += len(keys)
+        if self.metrics is not None:
+            self.metrics.record_records.inc(len(keys))
+            self.metrics.record_bytes.inc(nbytes)
+            self.metrics.record_queue.set(self._queue.qsize())
+
+    # ------------------------------------------------------------------ end
+
+    def close(self) -> None:
+        """Write what is queued, seal the shard, close the step log and release the
+        writer id; raises RecordingError if a write failed and was not yet raised."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._queue.put(_STOP)
+            self._thread.join()
+        finally:
+            try:
+                self.writer.close()
+            finally:
+                self.step_log.close()
+        self._raise_error()
+
+    def __enter__(self) -> TargetRecorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
