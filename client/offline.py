@@ -74,7 +74,7 @@ class CacheSource:
             if self.steps is not None and not self.runs:
                 raise ValueError(f"cache namespace {self.where} has no step logs (its targets "
                                  f"were not recorded during teacher training); a teacher-step "
-                                 f"window {list(self.steps)} cannot apply")
+                                 f"window [{self.steps[0]}, {self.steps[1]}) cannot apply")
             self.vocab_size = self._vocab_size()
         except BaseException:
             self.reader.close()

@@ -1,10 +1,12 @@
 import pytest
+import torch
 
-from logitcast.cache import CacheCorruptError, CacheNamespace
-from logitcast.client.offline import CacheSource
+from logitcast.cache import CacheCorruptError, CacheNamespace, CacheWriter
+from logitcast.cache.steps import StepLogWriter, payload_digest
+from logitcast.client.offline import CacheMissError, CacheSource
 from logitcast.client.teacher_client import TeacherClient
-from logitcast.data.packing import Packer, PackingConfig
-from logitcast.ops import TargetSpec
+from logitcast.data.packing import PackedBatch, Packer, PackingConfig
+from logitcast.ops import SparseTargets, TargetSpec
 from logitcast.ops.codec import encode
 from logitcast.ops.rowkey import row_key
 from tests.client.conftest import damage_record
@@ -87,3 +89,42 @@ def test_an_object_store_cache_is_written_online_and_read_offline(
     with CacheSource(s3_url, namespace(tiny_backend)) as source:
         assert [encode(s.targets) for s in source.stream(packer.batch(i) for i in range(2))] == \
             online
+
+
+# ---------------------------------------------------------------------------- teacher steps
+
+
+def test_a_step_window_needs_a_recorded_namespace_and_a_valid_window(damaged):
+    root, ns, *_ = damaged
+    with pytest.raises(ValueError, match=r"no step logs .*window \[0, 5\) cannot apply"):
+        CacheSource(root, ns, steps=(0, 5))
+    with pytest.raises(ValueError, match=r"0 <= lo < hi, got \[5, 5\)"):
+        CacheSource(root, ns, steps=(5, 5))
+    with pytest.raises(ValueError, match="two integers"):
+        CacheSource(root, ns, steps=(1,))
+
+
+def test_recorded_steps_are_reported_and_a_row_without_one_is_outside_every_window(tmp_path):
+    """Row 0 has its step-log entry (step 7); row 1's record was written but a kill came
+    before its line: served without a step, never inside a window."""
+    rows = torch.arange(2 * SEQ).view(2, SEQ) + 2
+    batch = PackedBatch(step=3, input_ids=rows, labels=rows, document_ids=None,
+                        row_keys=tuple(row_key(r) for r in rows))
+    ns = CacheNamespace(teacher_id="record:r", tokenizer_fingerprint="fp", spec=SPEC)
+    payload = encode(SparseTargets.empty(SEQ, 1000))
+    with CacheWriter(tmp_path, ns, writer_id="record_rank0") as writer:
+        for key in batch.row_keys:
+            writer.put(key, payload)
+        log = StepLogWriter(tmp_path / writer.dir, writer_id="record_rank0", run="r")
+        log.append(7, batch.row_keys[:1], [payload_digest(payload)])
+        log.close()
+    with CacheSource(tmp_path, ns) as source:
+        source.fetch(batch)
+        assert source.served_steps == {7: 1, None: 1}
+        assert source.runs == {"r"}
+    with CacheSource(tmp_path, ns, steps=(0, 8)) as source:
+        with pytest.raises(CacheMissError, match=r"step 3 row 1 .*unknown: no step-log entry"):
+            source.fetch(batch)
+    with CacheSource(tmp_path, ns, steps=(0, 7)) as source:
+        with pytest.raises(CacheMissError, match=r"step 3 row 0 .*teacher step 7, outside"):
+            source.fetch(batch)
