@@ -1,12 +1,18 @@
-"""Trainer benchmark: what distillation costs the student, online and offline, vs plain CE.
+"""Trainer benchmark: what distillation costs the student, online and offline, vs plain CE,
+and what recording RS-12 targets costs a model training with CE (PD §3.5).
 
-One run, one student, the same packed rows, three ways (DeepSpeed, fused loss):
+One run, one student, the same packed rows, four ways (DeepSpeed, fused loss):
 (a) online KD: RS-12 targets streamed from a teacher server (a child process,
     `logitcast serve`, teeing into a cache), prefetched ahead of the step;
 (b) offline KD: the same targets read back from that cache, no teacher running;
-(c) CE only: no targets.
+(c) CE only: no targets;
+(d) CE while recording: (c) with `record.cache_dir` set, the student as the
+    teacher: every step's RS-12 targets sparsified from its own last hidden state
+    and written to a cache by a background thread.
 Reports trained tokens/s of each (steady state: the first steps are warm-up)
-and their ratios. On this 2-core machine the online teacher shares the CPU
+and their ratios; record_vs_ce is the recording step time / the CE step time
+(goal <= 1.05), and the seconds `close` then spends writing what was still
+queued are reported beside it. On this 2-core machine the online teacher shares the CPU
 with the student, so online_vs_ce mostly measures that contention; on a GPU
 cluster the teacher runs on its own device. The full run uses the real
 SmolLM2-135M teacher and the 16M student; --quick a tiny random teacher and a
@@ -14,7 +20,7 @@ SmolLM2-135M teacher and the 16M student; --quick a tiny random teacher and a
 
     python bench/trainer.py [--quick]
 
-Last line: RESULT online_vs_ce=.. offline_vs_ce=.. online_vs_offline=..
+Last line: RESULT online_vs_ce=.. offline_vs_ce=.. online_vs_offline=.. record_vs_ce=..
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,13 +65,21 @@ def train(name: str, base: dict, overrides: dict) -> dict:
         trainer.run()
         received = trainer.metrics.client.received_bytes._value.get()
         wait = trainer.metrics.client.wait_seconds._value.get()
+        recorded = trainer.metrics.record_records._value.get()
+        recorded_bytes = trainer.metrics.record_bytes._value.get()
+        t_close = time.perf_counter()
+    close_seconds = time.perf_counter() - t_close
     steps = [r for r in read_log(config.output_dir) if r["kind"] == "train"]
     tokens = config.data.global_batch * config.data.seq_len
     steady = steps[WARMUP_STEPS:]
     seconds = sum(tokens / r["tokens_per_s"] for r in steady)
     out = {"tokens_per_s": tokens * len(steady) / seconds, "steps": len(steps),
            "wait_seconds": wait, "bytes_per_token": received / (tokens * len(steps)),
-           "final_loss": steps[-1]["loss"], "losses": [r["loss"] for r in steps]}
+           "final_loss": steps[-1]["loss"], "losses": [r["loss"] for r in steps],
+           "close_seconds": close_seconds}
+    if recorded:
+        out.update(records=int(recorded),
+                   recorded_bytes_per_token=recorded_bytes / (tokens * len(steps)))
     print(f"{name:>8}: {out['tokens_per_s']:.0f} tok/s, waited {wait:.2f}s on targets, "
           f"final loss {out['final_loss']:.3f}", flush=True)
     return out
@@ -110,18 +125,28 @@ def main() -> None:
                                           "teacher.source": "cache",
                                           "teacher.cache_dir": str(cache)})
         ce = train("ce", base, {"output_dir": str(work / "ce"), "teacher.source": "none"})
+        record = train("record", base, {"output_dir": str(work / "record"),
+                                        "teacher.source": "none",
+                                        "record.cache_dir": str(work / "record_cache")})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     same = online["losses"] == offline["losses"]
     ratios = {"online_vs_ce": online["tokens_per_s"] / ce["tokens_per_s"],
               "offline_vs_ce": offline["tokens_per_s"] / ce["tokens_per_s"],
-              "online_vs_offline": online["tokens_per_s"] / offline["tokens_per_s"]}
-    print(f"online and offline losses identical: {same}")
+              "online_vs_offline": online["tokens_per_s"] / offline["tokens_per_s"],
+              "record_vs_ce": ce["tokens_per_s"] / record["tokens_per_s"]}
+    same_ce = ce["losses"] == record["losses"]
+    print(f"online and offline losses identical: {same}; CE and recording losses identical: "
+          f"{same_ce}")
+    print(f"recording: {record['records']} records, {record['recorded_bytes_per_token']:.1f} "
+          f"bytes/token, step time x{ratios['record_vs_ce']:.3f} of CE (goal <= 1.05), "
+          f"{record['close_seconds']:.2f}s writing the queue's rest at close")
     path = write_results("trainer", {
         "config": {"quick": q, "steps": steps, "seq_len": seq_len, "global_batch": batch,
                    "student": preset, "vocab": vocab, "teacher": "tiny" if q else "default",
                    "spec": "sample unique=12", "warmup_steps_excluded": WARMUP_STEPS},
         "online": online, "offline": offline, "ce": ce, "online_offline_losses_identical": same,
+        "record": record, "ce_record_losses_identical": same_ce,
         **ratios}, suffix="-quick" if q else "")
     print(f"results: {path}")
     print("RESULT " + " ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
