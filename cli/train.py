@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
             if trainer.rank == 0:
                 print(f"student {config.student.path or config.student.preset}: "
                       f"{trainer.num_parameters / 1e6:.1f}M parameters, {trainer.world} rank(s), "
-                      f"targets from {config.teacher.source}; log {config.output_dir}/log.jsonl"
+                      f"targets from {config.teacher.source}"
+                      + (f"; recording {trainer.recorder.namespace.teacher_id} targets into "
+                         f"{trainer.recorder.where}" if trainer.recorder else "")
+                      + f"; log {config.output_dir}/log.jsonl"
                       + (f"; metrics on :{trainer.metrics_port}" if trainer.metrics_port else ""))
             final = trainer.run()
             if trainer.rank == 0 and final:
