@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from logitcast.client.offline import CacheSource
 from logitcast.data.packing import Packer
 from logitcast.data.shards import TokenCorpus
 from logitcast.ops import KDConfig, TargetSpec, alpha_at, lr_at
@@ -249,9 +250,29 @@ class Trainer:
                                 client_state={"config": c.to_dict()})
             t_wait = time.perf_counter()
         bar.close()
+        if isinstance(self.source, CacheSource) and self.source.served_steps:
+            self._log_teacher_steps(step)
         if c.export and step == steps:
             self.export(self.out / "student")
         return final
+
+    def _log_teacher_steps(self, step: int) -> None:
+        """Which recorded teacher steps this rank's targets came from (cache source on a
+        namespace recorded during teacher training): a `teacher_steps` log record."""
+        served = self.source.served_steps
+        known = sorted((k, n) for k, n in served.items() if k is not None)
+        half, seen, median = sum(n for _, n in known) / 2, 0, None
+        for k, n in known:
+            seen += n
+            if median is None and seen >= half:
+                median = k
+        record = {"kind": "teacher_steps", "step": step, "units": sum(served.values()),
+                  "unknown": served[None], "min": known[0][0] if known else None,
+                  "median": median, "max": known[-1][0] if known else None,
+                  "window": list(self.source.steps) if self.source.steps else None}
+        self._log(record)
+        if self.rank == 0:
+            logger.info("targets served from teacher steps %s", record)
 
     def _train_step(self, step: int, batch, targets, wait: float, t_len: int) -> dict:
         c = self.config

@@ -110,6 +110,9 @@ def test_a_recorded_run_feeds_an_offline_student_exactly_its_rows_and_targets(
     student = [r for r in read_log(tmp_path / "student") if r["kind"] == "train"]
     assert {r["step"]: r["rows"] for r in student} == _rows(out)
     assert all(r["kd"] > 0 for r in student)
+    (steps,) = [r for r in read_log(tmp_path / "student") if r["kind"] == "teacher_steps"]
+    assert (steps["units"], steps["min"], steps["median"], steps["max"], steps["unknown"]) == \
+        (12, 0, 1, 2, 0)
     # the targets it trained on are the recorded records, decoded
     batch = Packer(corpora[0], PackingConfig(seq_len=32, global_batch=4)).batch(2)
     reader = CacheReader(cache, _namespace(corpora))
