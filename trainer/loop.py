@@ -133,9 +133,9 @@ class Trainer:
         self.source = open_source(t.source, spec=t.target_spec(), stored_spec=t.stored_target_spec(),
                                   write_cache=t.write_cache, prefetch=t.prefetch,
                                   metrics=self.metrics.client, steps=t.steps, **common)
-        self.recorder = self._recorder()
         self.eval_rows = self._eval_rows(common)
         self.start_step = self._maybe_resume()
+        self.recorder = self._recorder()
 
     # ------------------------------------------------------------------ build helpers
 
