@@ -51,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-rows", type=int, default=8)
     p.add_argument("--teacher-threads", type=int, default=0,
-                   help="CPU threads of the teacher process (0: all cores)")
+                   help="CPU threads of the teacher process (0: all cores, shared with "
+                        "student A; N: N cores for the teacher, the rest for A)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto uses a GPU when one is present")
 
@@ -185,10 +186,12 @@ def run(args: argparse.Namespace) -> int:
             {"student.preset": args.small_student}
 
     cache = (work / "cache").resolve()
-    # On a CPU the teacher and student A share the cores; the student mostly waits on
-    # the teacher (the bottleneck here), so both get every core.
+    # On a CPU the teacher and student A share the cores. Each mostly waits on the other
+    # (the teacher fills a few steps ahead, then idles), so by default both get every core;
+    # --teacher-threads N splits them instead (the student keeps the rest).
     cores = torch.get_num_threads()
     teacher_threads = args.teacher_threads or cores
+    student_threads = cores if not args.teacher_threads else max(1, cores - teacher_threads)
     server_metrics = free_port()
     proc, address, info = start_server_process(
         ["--model", "default", "--metrics-port", str(server_metrics), "--cache-dir", str(cache),
@@ -210,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         print("[4/7] student A, online: RS-12 targets streamed from the teacher", flush=True)
         if device == "cpu":
-            torch.set_num_threads(max(1, cores - teacher_threads))
+            torch.set_num_threads(student_threads)
         results.append(_train("A online RS-12", {
             "output_dir": str(work / "runs" / "online"), "teacher.source": "online",
             "teacher.addresses": [address]}, base))
