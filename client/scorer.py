@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import random
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,11 +25,13 @@ import numpy as np
 import torch
 
 from logitcast.client.teacher_client import (
-    RETRYABLE,
     CorruptStreamError,
     TeacherMismatchError,
     TeacherUnavailableError,
+    backoff_delay,
+    fleet_infos,
     open_channels,
+    retry_reason,
 )
 from logitcast.protos import teacher_pb2 as pb
 from logitcast.protos import teacher_pb2_grpc as pb_grpc
@@ -71,13 +72,7 @@ class TeacherScorer:
     def _check_fleet(self) -> pb.InfoResponse:
         """Info() on every address; reachable servers must serve one teacher and tokenizer."""
         seen: pb.InfoResponse | None = None
-        errors = []
-        for addr, stub in zip(self.addresses, self._stubs):
-            try:
-                info = stub.Info(pb.InfoRequest(), timeout=30, metadata=self._meta)
-            except grpc.RpcError as exc:
-                errors.append(f"{addr}: {exc.code().name}")
-                continue
+        for addr, info in fleet_infos(self.addresses, self._stubs, self._meta):
             if seen is None:
                 seen = info
                 continue
@@ -88,8 +83,6 @@ class TeacherScorer:
                         f"{getattr(seen, field)!r} elsewhere in the fleet")
             for field in ("max_rows", "max_tokens", "max_seq_len"):
                 setattr(seen, field, min(getattr(seen, field), getattr(info, field)))
-        if seen is None:
-            raise TeacherUnavailableError(f"no teacher reachable: {', '.join(errors)}")
         return seen
 
     # ------------------------------------------------------------------ scoring
@@ -129,11 +122,10 @@ class TeacherScorer:
                                                 metadata=self._meta)
                 return _checked(response, *tokens.shape)
             except (grpc.RpcError, CorruptStreamError) as exc:
-                if isinstance(exc, grpc.RpcError) and exc.code() not in RETRYABLE:
+                last = retry_reason(exc)
+                if last is None:
                     raise
-                last = (f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError)
-                        else f"CORRUPT: {exc}")
-                delay = self.backoff_s * (2 ** min(attempt, 5)) * (0.5 + random.random())
+                delay = backoff_delay(self.backoff_s, attempt)
                 logger.warning("Score of %d rows: %s from %s; trying the next address in "
                                "%.2fs", tokens.shape[0], last, self.addresses[i], delay)
                 time.sleep(delay)

@@ -110,6 +110,35 @@ def is_local_target(address: str) -> bool:
     return loopback(address)
 
 
+def retry_reason(exc: BaseException) -> str | None:
+    """Why a failed call may be retried on the next address ("CODE: details"), or None
+    when it must not be (a status outside RETRYABLE, or not an RPC/stream failure)."""
+    if isinstance(exc, grpc.RpcError):
+        return f"{exc.code().name}: {exc.details()}" if exc.code() in RETRYABLE else None
+    if isinstance(exc, CorruptStreamError):
+        return f"CORRUPT: {exc}"
+    return None
+
+
+def backoff_delay(backoff_s: float, attempt: int) -> float:
+    """Seconds to wait before try `attempt + 1`: exponential (capped at 32x), jittered."""
+    return backoff_s * (2 ** min(attempt, 5)) * (0.5 + random.random())
+
+
+def fleet_infos(addresses: list[str], stubs: list, metadata) -> list[tuple[str, pb.InfoResponse]]:
+    """(address, Info) of every reachable server; TeacherUnavailableError naming each
+    failure when none answers."""
+    found, errors = [], []
+    for addr, stub in zip(addresses, stubs):
+        try:
+            found.append((addr, stub.Info(pb.InfoRequest(), timeout=30, metadata=metadata)))
+        except grpc.RpcError as exc:
+            errors.append(f"{addr}: {exc.code().name}")
+    if not found:
+        raise TeacherUnavailableError(f"no teacher reachable: {', '.join(errors)}")
+    return found
+
+
 def open_channels(addresses: list[str], *, auth_token: str | None = None,
                   tls_root_certs: bytes | None = None, application: str | None = None,
                   allow_insecure_auth: bool = False) -> tuple[list[grpc.Channel], list]:
@@ -190,13 +219,8 @@ class TeacherClient:
 
     def _check_fleet(self, fingerprint: str, vocab: int, teacher_id: str | None) -> str:
         """Info() on every reachable server; any mismatch is an error before training."""
-        seen, errors = None, []
-        for addr, stub in zip(self.addresses, self._stubs):
-            try:
-                info = stub.Info(pb.InfoRequest(), timeout=30, metadata=self._meta)
-            except grpc.RpcError as exc:
-                errors.append(f"{addr}: {exc.code().name}")
-                continue
+        seen = None
+        for addr, info in fleet_infos(self.addresses, self._stubs, self._meta):
             problems = []
             if info.tokenizer_fingerprint != fingerprint:
                 problems.append(f"tokenizer {info.tokenizer_fingerprint} != trainer's {fingerprint}")
@@ -211,8 +235,6 @@ class TeacherClient:
             if problems:
                 raise TeacherMismatchError(f"{addr}: " + "; ".join(problems))
             seen = info.teacher_id
-        if seen is None:
-            raise TeacherUnavailableError(f"no teacher reachable: {', '.join(errors)}")
         return seen
 
     # ------------------------------------------------------------------ steps
@@ -284,12 +306,11 @@ class TeacherClient:
                 self._distill(self._stubs[i], batch, pending, got)
                 return [got[r] for r in rows]
             except (grpc.RpcError, CorruptStreamError) as exc:
-                if isinstance(exc, grpc.RpcError) and exc.code() not in RETRYABLE:
+                last = retry_reason(exc)
+                if last is None:
                     raise
-                code = exc.code().name if isinstance(exc, grpc.RpcError) else "CORRUPT"
-                last = f"{code}: {exc.details() if isinstance(exc, grpc.RpcError) else exc}"
-                self.metrics.retries.labels(code).inc()
-                delay = self.backoff_s * (2 ** min(attempt, 5)) * (0.5 + random.random())
+                self.metrics.retries.labels(last.split(":", 1)[0]).inc()
+                delay = backoff_delay(self.backoff_s, attempt)
                 logger.warning("step %d: %s from %s after %d of %d rows; asking for the other "
                                "%d elsewhere in %.2fs", batch.step, last, self.addresses[i],
                                len(got), len(rows), len(rows) - len(got), delay)
