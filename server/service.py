@@ -109,6 +109,8 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             code = status_for(exc)
             if code == grpc.StatusCode.INTERNAL:
                 logger.warning("Distill failed: %s", exc)
+            if job is not None:  # free its budget before the client can see the status
+                self.engine.finish(job)
             await context.abort(code, str(exc))
         finally:
             if job is not None:
@@ -148,6 +150,8 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             return pb.ScoreResponse(logprob_sum=sums, token_count=[tokens.shape[1] - 1] * len(sums))
         except Exception as exc:
             code = status_for(exc)
+            if job is not None:  # free its budget before the client can see the status
+                self.engine.finish(job)
             await context.abort(code, str(exc))
         finally:
             if job is not None:
