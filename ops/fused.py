@@ -31,6 +31,8 @@ This module knows nothing about models, optimisers or where targets come from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from logitcast.ops.kd_terms import KD_LOSSES, LossTargets
@@ -57,14 +59,18 @@ def fused_distill_loss(
     alpha: float,
     config: KDConfig | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    on_logits: Callable[[torch.Tensor, int], None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(1 - alpha) * LM loss + alpha * sparse KD loss of logits = hidden @ weight.T, chunked.
 
     hidden: float [N, d] last hidden states (after the final norm); weight: [V, d] LM head,
     same dtype and device. targets: N positions of `SparseTargets` (None only when
     alpha = 0: then this is a fused cross-entropy). labels: int [N], `config.ignore_index`
-    for positions that do not count. Returns (total scalar with a grad_fn,
-    {"lm": ..., "kd": ...} detached scalars).
+    for positions that do not count. on_logits: called as on_logits(z, start) with each
+    chunk's fp32 logits z [c, V] (positions start..start+c-1, exactly `linear(h, weight)`
+    cast to fp32) before the loss consumes them; it must not keep or modify z (the
+    teacher-recording mode sparsifies them here instead of forming them again).
+    Returns (total scalar with a grad_fn, {"lm": ..., "kd": ...} detached scalars).
     """
     config = config or KDConfig()
     alpha = check_alpha(alpha)
@@ -76,7 +82,7 @@ def fused_distill_loss(
         raise ValueError(f"targets are required when alpha={alpha} > 0")
     t = None if targets is None else loss_targets(targets, labels, counted, config, vocab)
     total, lm, kd = _FusedDistill.apply(hidden, weight, labels, counted, t, alpha, config,
-                                        chunk_size)
+                                        chunk_size, on_logits)
     return total, ({"lm": lm} if t is None else {"lm": lm, "kd": kd})
 
 
@@ -207,7 +213,8 @@ class _FusedDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 counted: torch.Tensor, t: LossTargets | None, alpha: float, config: KDConfig,
-                chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                chunk: int, on_logits: Callable | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, f32 = hidden.shape[0], torch.float32
         dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) \
@@ -227,6 +234,8 @@ class _FusedDistill(torch.autograd.Function):
                 torch.mm(h, weight.T, out=z)
             else:
                 z.copy_(h @ weight.T)
+            if on_logits is not None:
+                on_logits(z, start)
             dz = _chunk_grad(z, safe[sl], counted[sl], None if t is None else t[sl], alpha,
                              config, denom, sums, need_h or need_w)
             if dz is None:
@@ -250,7 +259,7 @@ class _FusedDistill(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         return (None if dh is None else dh * g_total.to(dh.dtype),
                 None if dw is None else dw * g_total.to(dw.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _chunk_grad(z: torch.Tensor, labels: torch.Tensor, counted: torch.Tensor,

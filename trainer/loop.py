@@ -170,7 +170,7 @@ class Trainer:
                                   chunk_size=r.chunk_size, max_queue=r.max_queue,
                                   queue_timeout_s=r.queue_timeout_s, shard_bytes=r.shard_bytes,
                                   metrics=self.metrics)
-        self.engine.module.on_hidden = recorder
+        self.engine.module.recorder = recorder
         return recorder
 
     def _eval_rows(self, common: dict):
@@ -381,7 +381,7 @@ class Trainer:
         raised: records still queued are written first)."""
         try:
             if self.recorder is not None:
-                self.engine.module.on_hidden = None
+                self.engine.module.recorder = None
                 self.recorder.close()
         finally:
             if self.source is not None:

@@ -18,12 +18,15 @@ where targets come from.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from logitcast.data.packing import IGNORE
 from logitcast.ops import KDConfig, SparseTargets, distill_loss, fused_distill_loss
+
+if TYPE_CHECKING:
+    from logitcast.trainer.record import TargetRecorder
 
 #: Equal-width confidence bins of the expected calibration error.
 ECE_BINS = 15
@@ -54,25 +57,30 @@ def last_hidden(model: torch.nn.Module, input_ids: torch.Tensor,
 def student_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                  targets: SparseTargets | None, *, alpha: float, config: KDConfig | None = None,
                  document_ids: torch.Tensor | None = None, fused: bool = True,
-                 chunk_size: int = 512, on_hidden: Callable | None = None
+                 chunk_size: int = 512, recorder: TargetRecorder | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(total with grad, {"lm", "kd"} detached) for one batch.
 
     input_ids, labels: int64 [B, T] (labels are the next tokens, IGNORE where nothing
     counts); targets: `SparseTargets` over the B*T positions in row-major order, on the
-    model's device (None only when alpha = 0). on_hidden: called as
-    on_hidden(hidden [B*T, d], lm_head weight [V, d], input_ids), both detached, before
-    the loss (a `trainer.record.TargetRecorder`).
+    model's device (None only when alpha = 0). recorder: a `trainer.record.TargetRecorder`
+    that records this batch's sparse targets from the same logits (fused: from each
+    chunk the loss forms; plain: its own chunked pass over the hidden states).
     """
     config = config or KDConfig(ignore_index=IGNORE)
     hidden = last_hidden(model, input_ids, document_ids)
     weight = model.get_output_embeddings().weight
-    if on_hidden is not None:
-        on_hidden(hidden.detach(), weight.detach(), input_ids)
     flat = labels.reshape(-1)
     if fused:
-        return fused_distill_loss(hidden, weight.to(hidden.dtype), targets, flat, alpha=alpha,
-                                  config=config, chunk_size=chunk_size)
+        sink = (None if recorder is None
+                else recorder.batch(input_ids, hidden.device, document_ids))
+        out = fused_distill_loss(hidden, weight.to(hidden.dtype), targets, flat, alpha=alpha,
+                                 config=config, chunk_size=chunk_size, on_logits=sink)
+        if sink is not None:
+            sink.done()
+        return out
+    if recorder is not None:
+        recorder(hidden.detach(), weight.detach(), input_ids, document_ids)
     return distill_loss(hidden @ weight.to(hidden.dtype).T, targets, flat, alpha=alpha,
                         config=config)
 
@@ -84,7 +92,7 @@ class DistillObjective(torch.nn.Module):
                  chunk_size: int = 512, zero3: bool = False) -> None:
         super().__init__()
         self.student, self.config, self.fused, self.chunk_size = student, config, fused, chunk_size
-        self.on_hidden: Callable | None = None  # recording mode: a TargetRecorder
+        self.recorder: TargetRecorder | None = None  # recording mode
         if zero3:  # the LM head weight is read directly, not through lm_head.forward
             import deepspeed
 
@@ -96,7 +104,7 @@ class DistillObjective(torch.nn.Module):
                 document_ids: torch.Tensor | None = None):
         return student_loss(self.student, input_ids, labels, targets, alpha=alpha,
                             config=self.config, document_ids=document_ids, fused=self.fused,
-                            chunk_size=self.chunk_size, on_hidden=self.on_hidden)
+                            chunk_size=self.chunk_size, recorder=self.recorder)
 
 
 def empty_sums() -> dict[str, torch.Tensor]:

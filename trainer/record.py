@@ -1,13 +1,18 @@
 """Teacher-recording mode (PD §3.5, "online logits"): a model training with plain CE
 stores the sparse targets of every row it trains on, for smaller students later.
 
-`TargetRecorder` is called from the training forward with the last hidden state
-it computed anyway: on the training thread, before the optimizer step changes
-the weights, it forms the logits a few hundred positions at a time (never
-[tokens x V]) and sparsifies them exactly as a teacher server does (draw
+`TargetRecorder` records from the logits the training forward forms anyway: with
+the fused loss (the trainer's default) `batch(input_ids)` is passed to
+`ops.fused_distill_loss` as `on_logits` and sparsifies each [chunk, V] fp32
+chunk of logits before the loss consumes it, so recording adds no LM-head
+matmul; with the plain loss, `recorder(hidden, weight, input_ids)` forms the
+logits itself a few hundred positions at a time. Either way it runs on the
+training thread, before the optimizer step changes the weights, never holds
+[tokens x V], and sparsifies exactly as a teacher server does (draw
 coordinates from `ops.rowkey.draw_coordinates`, labels from
-`next_token_labels`, `ops.sparsify`, one `encode` per row), so each record is
-the bytes a server holding these weights would tee. A background thread
+`next_token_labels`, `ops.sparsify`, one `encode` per row): each record is the
+bytes a server holding these weights would tee (CPU matmuls and `sparsify` are
+row-wise, so the chunking does not change them). A background thread
 encodes and appends the records with a `CacheWriter` and then one line per
 micro-batch to the writer's step log (cache/steps.py), which names the
 teacher step. Between the two threads is a bounded queue: when it is full the
@@ -66,8 +71,10 @@ def record_namespace(run: str, *, tokenizer_fingerprint: str, spec: TargetSpec) 
 class TargetRecorder:
     """Sparse targets of the rows a model trains on, written to a local target cache.
 
-    Call it as `recorder(hidden, weight, input_ids)` from each training forward after
-    setting `recorder.step`; `close()` drains the queue, seals and raises any error."""
+    Set `recorder.step`, then for each micro-batch either pass `recorder.batch(input_ids,
+    device)` to the fused loss as `on_logits` and call its `done()`, or call
+    `recorder(hidden, weight, input_ids)`; `close()` drains the queue, seals and raises
+    any error. `trainer.objective.student_loss(..., recorder=...)` does either."""
 
     def __init__(self, root: str | Path, *, run: str, tokenizer_fingerprint: str,
                  spec: TargetSpec, rank: int = 0, extras: tuple[str, ...] = ("logprob",),
@@ -122,6 +129,15 @@ class TargetRecorder:
         self._raise_error()
         keys, targets = self.targets(hidden, weight, input_ids)
         self._put((self.step, keys, targets, input_ids.shape[1]))
+
+    def batch(self, input_ids: torch.Tensor, device: torch.device | str,
+              document_ids: torch.Tensor | None = None) -> RecordedBatch:
+        """A micro-batch recorded from the logits a fused loss forms anyway: pass the
+        result as `on_logits` to `ops.fused_distill_loss`, then call its `done()`."""
+        if document_ids is not None:
+            raise RecordingError("recording needs data.mode=rows (document mode is refused)")
+        self._raise_error()
+        return RecordedBatch(self, input_ids, torch.device(device))
 
     @torch.no_grad()
     def targets(self, hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor
@@ -219,3 +235,43 @@ class TargetRecorder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RecordedBatch:
+    """One micro-batch's targets, sparsified chunk by chunk from the fp32 logits the fused
+    loss hands to `on_logits` (no second LM-head matmul); `done()` queues them for the
+    writer. Each chunk must arrive once, in order, covering all B*T positions: a fused
+    loss that raises part way never calls `done()`, so nothing half-made is written."""
+
+    def __init__(self, recorder: TargetRecorder, input_ids: torch.Tensor,
+                 device: torch.device) -> None:
+        self.recorder, self.seq = recorder, input_ids.shape[1]
+        self.n = input_ids.numel()
+        self.keys, draw, pos = draw_coordinates(input_ids)
+        self.draw, self.pos = draw.to(device), pos.to(device)
+        self.labels = next_token_labels(input_ids).reshape(-1).to(device)
+        self.parts: list[SparseTargets] = []
+        self.filled = 0
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, start: int) -> None:
+        c, r = logits.shape[0], self.recorder
+        if start != self.filled or start + c > self.n:
+            raise RecordingError(f"recorded logits for positions {start}..{start + c - 1} "
+                                 f"arrived after {self.filled} of {self.n}: chunks must come "
+                                 f"once, in order")
+        sl = slice(start, start + c)
+        self.parts.append(sparsify(logits, r.spec, row_keys=self.draw[sl],
+                                   positions=self.pos[sl], labels=self.labels[sl],
+                                   chunk_size=r.chunk_size, entropy="entropy" in r.extras)
+                          .to("cpu"))
+        self.filled += c
+
+    def done(self) -> None:
+        """Queue the micro-batch (the training step waits while the queue is full)."""
+        if self.filled != self.n:
+            raise RecordingError(f"recorded {self.filled} of {self.n} positions: the loss "
+                                 f"did not pass every chunk's logits")
+        r = self.recorder
+        r._raise_error()
+        r._put((r.step, self.keys, SparseTargets.cat(self.parts), self.seq))

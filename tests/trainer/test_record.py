@@ -15,7 +15,7 @@ from logitcast.cache.steps import StepLogError, read_step_logs
 from logitcast.client.offline import CacheMissError, CacheSource
 from logitcast.client.teacher_client import TeacherClient
 from logitcast.data.packing import PackedBatch, Packer, PackingConfig
-from logitcast.ops import TargetSpec
+from logitcast.ops import SparseTargets, TargetSpec
 from logitcast.ops.codec import encode
 from logitcast.ops.rowkey import row_key
 from logitcast.server.backends import TransformersBackend
@@ -241,6 +241,65 @@ def test_a_full_queue_holds_training_back_then_errors_naming_the_stuck_writer(tm
     finally:
         release.set()
         rec.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_loss_hands_over_the_logits_the_recorder_would_form_itself(
+        tmp_path, dtype):
+    """Recording from the fused loss's chunks (5 positions each, the recorder's own 8)
+    gives the bytes of the recorder's separate pass, so no second head matmul is needed."""
+    from logitcast.ops import fused_distill_loss
+
+    head = _head(0).to(dtype)
+    hidden = torch.randn(ROWS.numel(), 16, generator=torch.Generator().manual_seed(9))
+    hidden = hidden.to(dtype).requires_grad_()
+    with TargetRecorder(tmp_path, run="r", tokenizer_fingerprint="fp", spec=RS12,
+                        chunk_size=8) as rec:
+        sink = rec.batch(ROWS, "cpu")
+        loss, _ = fused_distill_loss(hidden, head, None, ROWS.reshape(-1), alpha=0.0,
+                                     chunk_size=5, on_logits=sink)
+        loss.backward()
+        sink.done()
+        fused = SparseTargets.cat(sink.parts)
+        _, own = rec.targets(hidden.detach(), head, ROWS)
+    assert encode(fused) == encode(own)
+    assert rec.records == ROWS.shape[0]
+
+
+def test_student_loss_records_the_same_bytes_fused_or_plain(tmp_path):
+    from logitcast.trainer import student_loss
+
+    model = build_student(preset="micro", vocab_size=1000)
+    got = {}
+    for fused in (True, False):
+        with TargetRecorder(tmp_path / str(fused), run="r", tokenizer_fingerprint="fp",
+                            spec=RS12) as rec:
+            rec.step = 7
+            loss, _ = student_loss(model, ROWS, ROWS, None, alpha=0.0, fused=fused,
+                                   chunk_size=12, recorder=rec)
+            loss.backward()
+            ns = rec.namespace
+        with CacheSource(tmp_path / str(fused), ns) as source:
+            got[fused] = encode(source.fetch(_batch(0, ROWS)).targets)
+            assert source.served_steps == {7: 2}
+    assert got[True] == got[False]
+
+
+def test_a_recorded_batch_refuses_chunks_out_of_order_or_missing_and_writes_nothing(tmp_path):
+    head = _head(0)
+    logits = torch.randn(ROWS.numel(), 16) @ head.T
+    with TargetRecorder(tmp_path, run="r", tokenizer_fingerprint="fp", spec=RS12) as rec:
+        sink = rec.batch(ROWS, "cpu")
+        with pytest.raises(RecordingError, match="arrived after 0 of 32"):
+            sink(logits[8:16], 8)
+        sink(logits[:8], 0)
+        with pytest.raises(RecordingError, match="recorded 8 of 32 positions"):
+            sink.done()
+        with pytest.raises(RecordingError, match="document mode is refused"):
+            rec.batch(ROWS, "cpu", document_ids=torch.zeros_like(ROWS))
+    assert rec.records == 0
+    logged, _ = read_step_logs(open_storage(tmp_path), rec.namespace.name)
+    assert logged == {}
 
 
 KILLED = """
