@@ -147,6 +147,39 @@ def fused_full_kd_loss(
     return total, {"lm": lm, "kd": kd}
 
 
+# Both fused losses do the backward work in their forward pass: these are the shared
+# parts (gradient buffers, the returned triple, and a backward that only scales).
+
+def _eager_buffers(ctx, hidden: torch.Tensor, weight: torch.Tensor, counted: torch.Tensor):
+    """(dh or None, fp32 dw or None, fp32 [2] loss sums, fp32 counted-position count)."""
+    f32 = torch.float32
+    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) \
+        if ctx.needs_input_grad[0] else None
+    dw = torch.zeros(weight.shape, dtype=f32, device=weight.device) \
+        if ctx.needs_input_grad[1] else None
+    return (dh, dw, torch.zeros(2, dtype=f32, device=hidden.device),
+            counted.sum().clamp_min(1).to(f32))
+
+
+def _eager_result(ctx, dh, dw, weight: torch.Tensor, sums: torch.Tensor,
+                  denom: torch.Tensor, alpha: float):
+    """Save the gradients for `_eager_backward`; return (total, lm, kd)."""
+    ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
+    ctx.num_inputs = len(ctx.needs_input_grad)
+    lm, kd = (sums[0] / denom).clone(), (sums[1] / denom).clone()
+    total = (1.0 - alpha) * lm + alpha * kd
+    ctx.mark_non_differentiable(lm, kd)
+    return total, lm, kd
+
+
+def _eager_backward(ctx, g_total: torch.Tensor, g_lm: torch.Tensor, g_kd: torch.Tensor):
+    """d/d(hidden, weight): the stored gradients times the incoming one; nothing else."""
+    dh, dw = ctx.saved_tensors
+    return (None if dh is None else dh * g_total.to(dh.dtype),
+            None if dw is None else dw * g_total.to(dw.dtype),
+            *[None] * (ctx.num_inputs - 2))
+
+
 class _FusedFullKD(torch.autograd.Function):
     """Forward computes the loss and (eagerly) d loss / d(hidden, weight); backward scales.
 
@@ -158,13 +191,9 @@ class _FusedFullKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, t_hidden, t_weight, labels, counted, alpha: float,
                 tau: float, chunk: int):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, f32 = hidden.shape[0], torch.float32
-        dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) \
-            if need_h else None
-        dw = torch.zeros(weight.shape, dtype=f32, device=weight.device) if need_w else None
-        sums = torch.zeros(2, dtype=f32, device=hidden.device)
-        denom = counted.sum().clamp_min(1).to(f32)
+        dh, dw, sums, denom = _eager_buffers(ctx, hidden, weight, counted)
+        need_h, need_w = dh is not None, dw is not None
         safe = torch.where(counted, labels, 0).long()
         for start in range(0, n, chunk):
             sl = slice(start, start + chunk)
@@ -193,18 +222,9 @@ class _FusedFullKD(torch.autograd.Function):
                 dh[sl] = g @ weight
             if dw is not None:
                 dw.add_(g.t().to(f32) @ h.to(f32))
-        ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
-        lm, kd = (sums[0] / denom).clone(), (sums[1] / denom).clone()
-        total = (1.0 - alpha) * lm + alpha * kd
-        ctx.mark_non_differentiable(lm, kd)
-        return total, lm, kd
+        return _eager_result(ctx, dh, dw, weight, sums, denom, alpha)
 
-    @staticmethod
-    def backward(ctx, g_total, g_lm, g_kd):
-        dh, dw = ctx.saved_tensors
-        return (None if dh is None else dh * g_total.to(dh.dtype),
-                None if dw is None else dw * g_total.to(dw.dtype),
-                None, None, None, None, None, None, None)
+    backward = staticmethod(_eager_backward)
 
 
 class _FusedDistill(torch.autograd.Function):
@@ -215,13 +235,9 @@ class _FusedDistill(torch.autograd.Function):
                 counted: torch.Tensor, t: LossTargets | None, alpha: float, config: KDConfig,
                 chunk: int, on_logits: Callable | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, f32 = hidden.shape[0], torch.float32
-        dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) \
-            if need_h else None
-        dw = torch.zeros(weight.shape, dtype=f32, device=weight.device) if need_w else None
-        sums = torch.zeros(2, dtype=f32, device=hidden.device)
-        denom = counted.sum().clamp_min(1).to(f32)
+        dh, dw, sums, denom = _eager_buffers(ctx, hidden, weight, counted)
+        need_h, need_w = dh is not None, dw is not None
         safe = torch.where(counted, labels, 0).long()
         # one [chunk, V] fp32 buffer for every chunk's logits and logit gradient: fresh
         # allocations would pay page faults (CPU) or allocator churn on each chunk
@@ -248,18 +264,9 @@ class _FusedDistill(torch.autograd.Function):
                     dw.addmm_(g.t(), h)
                 else:
                     dw.add_(g.t() @ h)  # product rounded once per chunk, summed in fp32
-        ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
-        lm, kd = (sums[0] / denom).clone(), (sums[1] / denom).clone()
-        total = (1.0 - alpha) * lm + alpha * kd
-        ctx.mark_non_differentiable(lm, kd)
-        return total, lm, kd
+        return _eager_result(ctx, dh, dw, weight, sums, denom, alpha)
 
-    @staticmethod
-    def backward(ctx, g_total: torch.Tensor, g_lm: torch.Tensor, g_kd: torch.Tensor):
-        dh, dw = ctx.saved_tensors
-        return (None if dh is None else dh * g_total.to(dh.dtype),
-                None if dw is None else dw * g_total.to(dw.dtype),
-                None, None, None, None, None, None, None)
+    backward = staticmethod(_eager_backward)
 
 
 def _chunk_grad(z: torch.Tensor, labels: torch.Tensor, counted: torch.Tensor,
