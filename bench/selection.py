@@ -21,7 +21,7 @@ log-prob sums, `ModelScorer`) on the same first 192 candidate rows, prepared onc
 both warm (score_vs_bare; their sums are checked against each other and the select
 pass), and the whole select pass's teacher side, which also reads and packs its
 rows and logs the scores as it goes (select_vs_bare). The full run: 3 seeds,
-60 steps x 2 x 256 tokens per student, ~500k characters of stdlib source (~20 min on
+60 steps x 2 x 256 tokens per student, ~500k characters of stdlib source (~35 min on
 2 cores).
 
     python bench/selection.py [--quick] [--seeds 0,1,2] [--steps N]
