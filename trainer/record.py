@@ -122,13 +122,12 @@ class TargetRecorder:
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
                  document_ids: torch.Tensor | None = None) -> None:
-        """Record one micro-batch. hidden: [B*T, d] last hidden states (detached);
-        weight: [V, d] LM head; input_ids: int64 [B, T]."""
-        if document_ids is not None:
-            raise RecordingError("recording needs data.mode=rows (document mode is refused)")
-        self._raise_error()
-        keys, targets = self.targets(hidden, weight, input_ids)
-        self._put((self.step, keys, targets, input_ids.shape[1]))
+        """Record one micro-batch, forming its logits here (the plain loss's path).
+        hidden: [B*T, d] last hidden states (detached); weight: [V, d] LM head;
+        input_ids: int64 [B, T]."""
+        sink = self.batch(input_ids, hidden.device, document_ids)
+        self._fill(sink, hidden, weight)
+        sink.done()
 
     def batch(self, input_ids: torch.Tensor, device: torch.device | str,
               document_ids: torch.Tensor | None = None) -> RecordedBatch:
@@ -139,25 +138,21 @@ class TargetRecorder:
         self._raise_error()
         return RecordedBatch(self, input_ids, torch.device(device))
 
-    @torch.no_grad()
     def targets(self, hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor
                 ) -> tuple[list[bytes], SparseTargets]:
         """(row keys, host `SparseTargets` over the B*T positions) of one micro-batch, the
-        server's way: logits chunk by chunk as float32, draw coordinates from the tokens."""
-        b, t = input_ids.shape
-        if hidden.shape[0] != b * t:
-            raise ValueError(f"hidden has {hidden.shape[0]} positions, input_ids {b}x{t}")
-        keys, draw, pos = draw_coordinates(input_ids)
-        dev, cs = hidden.device, self.chunk_size
-        draw, pos = draw.to(dev), pos.to(dev)
-        labels = next_token_labels(input_ids).reshape(-1).to(dev)
-        parts = []
-        for p in range(0, b * t, cs):
-            logits = torch.nn.functional.linear(hidden[p:p + cs], weight).float()
-            parts.append(sparsify(logits, self.spec, row_keys=draw[p:p + cs],
-                                  positions=pos[p:p + cs], labels=labels[p:p + cs],
-                                  chunk_size=cs, entropy="entropy" in self.extras))
-        return keys, SparseTargets.cat(parts).to("cpu")
+        server's way, without queueing them: logits chunk by chunk as float32."""
+        sink = RecordedBatch(self, input_ids, hidden.device)
+        self._fill(sink, hidden, weight)
+        return sink.keys, SparseTargets.cat(sink.parts)
+
+    @torch.no_grad()
+    def _fill(self, sink: RecordedBatch, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+        """Feed `sink` the logits of `hidden`, `chunk_size` positions at a time."""
+        if hidden.shape[0] != sink.n:
+            raise ValueError(f"hidden has {hidden.shape[0]} positions, input_ids {sink.n}")
+        for p in range(0, sink.n, self.chunk_size):
+            sink(torch.nn.functional.linear(hidden[p:p + self.chunk_size], weight).float(), p)
 
     def _put(self, item: tuple) -> None:
         t0 = time.perf_counter()
