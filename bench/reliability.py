@@ -889,9 +889,10 @@ def kills(a: Child, b: Child, a_metrics_port: int, work: Path, *, steps: int, ki
     """A `TeacherClient` streams `steps` steps from [a, b] while `Killer` kills and restarts
     `a` `kills` times. The consumer waits while `a` restarts (the steps already prefetched
     fail over to b meanwhile) and paces itself while `a` is up, so that every kill falls
-    while steps flow and the kills spread over the stream. The reference is the same steps
-    from b alone (never killed), fetched meanwhile. Setting `stop` ends the kills early;
-    `a`'s last incarnation is killed on the way out."""
+    while steps flow and the kills spread over the stream; when a kill is behind its due
+    step (`kills_due`) it slows to `pace_limit_s` a step until that kill lands. The
+    reference is the same steps from b alone (never killed), fetched meanwhile. Setting
+    `stop` ends the kills early; `a`'s last incarnation is killed on the way out."""
     info = b.info
     corpus_dir = work / "tokens"
     random_corpus(corpus_dir, info.tokenizer_fingerprint, info.vocab_size, docs=400)
@@ -905,6 +906,11 @@ def kills(a: Child, b: Child, a_metrics_port: int, work: Path, *, steps: int, ki
 
     reference: list[bytes] = []
     errors: list[str] = []
+
+    def kills_due(delivered: int) -> int:
+        """Kills that should have landed once `delivered` steps are consumed: kill i is due
+        by step (i + 1) * steps / (kills + 1), so the last one leaves steps to spare."""
+        return min(kills, delivered * (kills + 1) // steps)
 
     def fetch_reference() -> None:
         try:
@@ -931,6 +937,12 @@ def kills(a: Child, b: Child, a_metrics_port: int, work: Path, *, steps: int, ki
                     left = kills - killer.done
                     if left > 0 and killer.is_alive():
                         killer.up.wait(timeout=600)
+                        if killer.done < kills_due(s + 1):
+                            # behind schedule (a restarted server is slower to be seen
+                            # streaming than the last kill predicted): slow down until the
+                            # due kill lands, so no kill is left for after the last step
+                            time.sleep(pace_limit_s)
+                            continue
                         up_s = statistics.mean(killer.up_times) if killer.up_times else wait_s / 2
                         time.sleep(min(pace_limit_s, up_s * left / max(1, steps - s - 1)))
             except Exception as exc:  # the client gave up: the steps it did not deliver are lost
