@@ -186,6 +186,12 @@ class _FusedFullKD(torch.autograd.Function):
     Per position (counted ones, then / their number):
         lm = lse(z) - z_y,  kd = sum_v p_v (log p_v - log softmax(z / tau)_v)
         d/dz = (1 - alpha) (softmax(z) - onehot_y) + alpha / tau (softmax(z / tau) - p)
+    evaluated in three [chunk, V] fp32 buffers reused by every chunk, all in place: with t
+    the teacher's fp32 logits, t' = t - max t, P = exp(t'), s = sum P (so p = P / s),
+    z' = z - max z and S_tau = sum exp(z' / tau),
+        lm = log S_1 - z'_y,  kd = P . (t' - z' / tau) / s - log s + log S_tau
+    (the row dot as an in-place product and a row sum). Tokens where p underflows to 0 (or
+    the teacher's logit is -inf) add exactly 0 to kd and nothing to the gradient.
     """
 
     @staticmethod
@@ -193,38 +199,62 @@ class _FusedFullKD(torch.autograd.Function):
                 tau: float, chunk: int):
         n, f32 = hidden.shape[0], torch.float32
         dh, dw, sums, denom = _eager_buffers(ctx, hidden, weight, counted)
-        need_h, need_w = dh is not None, dw is not None
         safe = torch.where(counted, labels, 0).long()
+        # student logits (then their gradient), teacher logits (then scratch), exp of the
+        # teacher's: fresh [chunk, V] tensors would pay page faults (CPU) or allocator churn
+        z_buf, t_buf, p_buf = (torch.empty(min(chunk, n), weight.shape[0], dtype=f32,
+                                           device=hidden.device) for _ in range(3))
         for start in range(0, n, chunk):
             sl = slice(start, start + chunk)
-            h, keep = hidden[sl], counted[sl].to(f32)[:, None]
-            z = (h @ weight.T).to(f32)
-            t = torch.nn.functional.linear(t_hidden[sl], t_weight).to(f32)
-            log_p = torch.log_softmax(t, dim=1)
-            p = log_p.exp()
-            log_q = torch.log_softmax(z, dim=1)
-            log_qt = log_q if tau == 1.0 else torch.log_softmax(z / tau, dim=1)
-            lm = -(log_q.gather(1, safe[sl, None]) * keep).sum()
-            kd = ((p * (log_p - log_qt)).nan_to_num_(0.0).sum(dim=1, keepdim=True) * keep).sum()
-            sums += torch.stack([lm, kd])
-            if not (need_h or need_w):
+            h, keep = hidden[sl], counted[sl]
+            z, t, p = z_buf[: h.shape[0]], t_buf[: h.shape[0]], p_buf[: h.shape[0]]
+            _logits_into(z, h, weight)
+            _logits_into(t, t_hidden[sl], t_weight)
+            t.sub_(t.amax(dim=1, keepdim=True))  # t'
+            s = torch.exp(t, out=p).sum(dim=1)  # p holds P = exp(t')
+            z.sub_(z.amax(dim=1, keepdim=True))  # z'
+            z_label = z.gather(1, safe[sl, None])[:, 0]
+            # P . (t' - z' / tau), t consumed; nansum: a -inf teacher logit gives P = 0, term 0
+            dot = torch.nansum(t.sub_(z, alpha=1.0 / tau).mul_(p), dim=1)
+            e_tau = None if tau == 1.0 else torch.div(z, tau, out=t).exp_()  # exp(z' / tau)
+            s_tau = None if e_tau is None else e_tau.sum(dim=1)
+            e = z.exp_()  # exp(z'); z consumed
+            s_1 = e.sum(dim=1)
+            lm = s_1.log() - z_label
+            kd = dot / s - s.log() + (s_1 if s_tau is None else s_tau).log()
+            sums += torch.stack([torch.where(keep, lm, 0.0).sum(),
+                                 torch.where(keep, kd, 0.0).sum()])
+            if dh is None and dw is None:
                 continue
-            # the logit gradient, built in place on the chunk's buffers
-            q = log_q.exp_()  # softmax(z); log_q (and log_qt when tau = 1) is consumed
-            if tau == 1.0:
-                dz = q.sub_(p, alpha=alpha)  # (1 - a) q + a (q - p)
+            # d total / dz, built in e's (z's) buffer; each row times keep / denom
+            scale = keep.to(f32) / denom
+            if e_tau is None:
+                g = e.mul_((scale / s_1)[:, None])  # (1 - alpha) q + alpha q
             else:
-                dz = q.mul_(1.0 - alpha).add_(log_qt.exp_().sub_(p), alpha=alpha / tau)
-            dz.scatter_add_(1, safe[sl, None], torch.full_like(keep, alpha - 1.0))
-            dz.mul_(keep / denom)
-            g = dz if dz.dtype == hidden.dtype else dz.to(hidden.dtype)
+                g = e.mul_(((1.0 - alpha) * scale / s_1)[:, None])
+                g.addcmul_(e_tau, ((alpha / tau) * scale / s_tau)[:, None])
+            g.addcmul_(p, (-(alpha / tau) * scale / s)[:, None])
+            g.scatter_add_(1, safe[sl, None], ((alpha - 1.0) * scale)[:, None])
+            gh = g
+            if hidden.dtype != f32:
+                gh = g.to(hidden.dtype)
+                if dw is not None:
+                    g.copy_(gh)  # dW from the rounded gradient too, summed in fp32
             if dh is not None:
-                dh[sl] = g @ weight
+                torch.mm(gh, weight, out=dh[sl])
             if dw is not None:
-                dw.add_(g.t().to(f32) @ h.to(f32))
+                dw.addmm_(g.t(), h if h.dtype == f32 else h.to(f32))
         return _eager_result(ctx, dh, dw, weight, sums, denom, alpha)
 
     backward = staticmethod(_eager_backward)
+
+
+def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> None:
+    """out (fp32 [c, V]) = linear(h, weight) cast to fp32; no temporary when h is fp32."""
+    if h.dtype == torch.float32:
+        torch.mm(h, weight.T, out=out)
+    else:
+        out.copy_(torch.nn.functional.linear(h, weight))
 
 
 class _FusedDistill(torch.autograd.Function):

@@ -153,6 +153,66 @@ def test_fused_full_kd_equals_dense_full_kd(tau, alpha, teacher_dtype):
     assert_same((got, parts, torch.autograd.grad(got, (h, w))), a, rtol=1e-5, atol=1e-6)
 
 
+
+def dense_full_kd(h, w, th, tw, labels, **kw):
+    """full_kd_loss on the materialised logits: (total, parts, d total / d(those of h, w
+    that need a gradient))."""
+    t_logits = torch.nn.functional.linear(th, tw).float()
+    total, parts = full_kd_loss(h @ w.T, t_logits, labels, **kw)
+    return total, parts, torch.autograd.grad(total, [x for x in (h, w) if x.requires_grad])
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.7])
+@pytest.mark.parametrize("chunk_size", [8, 64])  # 64 > N: one chunk, smaller than chunk_size
+def test_fused_full_kd_where_teacher_probabilities_are_zero(tau, chunk_size):
+    """Every 4th position's teacher puts all its mass on token 7 (every other p underflows to 0);
+    the positions after those have a teacher logit of -inf (overflow) at token 7."""
+    labels, h, w, th, tw = full_kd_pair()
+    spike, peak = torch.zeros(N, 2), torch.zeros(V, 2)
+    spike[::4, 0], spike[1::4, 1], peak[7] = 1.0, -1e38, torch.tensor([500.0, 1e10])
+    th, tw = torch.cat([th, spike], dim=1), torch.cat([tw, peak], dim=1)
+    t_logits = torch.nn.functional.linear(th, tw)
+    assert (t_logits[1::4, 7] == -float("inf")).all()
+    assert t_logits[2::4].isfinite().all()
+    p = torch.softmax(t_logits, dim=1)
+    assert ((p[::4] > 0).sum(dim=1) == 1).all()
+    assert (p[2::4] > 0).all()
+    kw = {"alpha": 0.5, "temperature": tau}
+    got, parts = fused_full_kd_loss(h, w, th, tw, labels, chunk_size=chunk_size, **kw)
+    assert_same((got, parts, torch.autograd.grad(got, (h, w))),
+                dense_full_kd(h, w, th, tw, labels, **kw), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.7])
+def test_fused_full_kd_in_bf16(tau):
+    labels, h, w, th, tw = full_kd_pair(torch.bfloat16)
+    h, w = (x.detach().bfloat16().requires_grad_() for x in (h, w))
+    kw = {"alpha": 0.5, "temperature": tau}
+    got, parts = fused_full_kd_loss(h, w, th, tw, labels, chunk_size=8, **kw)
+    grads = torch.autograd.grad(got, (h, w))
+    want, want_parts, want_grads = dense_full_kd(h, w, th, tw, labels, **kw)
+    assert grads[0].dtype == grads[1].dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # same bf16 logits, fp32 maths
+    for key in want_parts:
+        torch.testing.assert_close(parts[key], want_parts[key], rtol=1e-5, atol=1e-6)
+    for ga, gb in zip(grads, want_grads):
+        assert float((ga.float() - gb.float()).norm() / gb.float().norm()) < 2e-2
+
+
+def test_fused_full_kd_without_grad_or_with_one_input_frozen():
+    labels, h, w, th, tw = full_kd_pair()
+    kw = {"alpha": 0.5, "temperature": 1.7}
+    want = dense_full_kd(h, w, th, tw, labels, **kw)
+    with torch.no_grad():
+        total, parts = fused_full_kd_loss(h, w, th, tw, labels, chunk_size=8, **kw)
+    assert total.grad_fn is None
+    assert_same((total, parts, ()), want, rtol=1e-5, atol=1e-6)
+    for h_, w_, i in [(h, w.detach(), 0), (h.detach(), w, 1)]:  # frozen head; frozen hidden
+        got, parts = fused_full_kd_loss(h_, w_, th, tw, labels, chunk_size=8, **kw)
+        (grad,) = torch.autograd.grad(got, [h_, w_][i])
+        assert_same((got, parts, (grad,)), (*want[:2], want[2][i:i + 1]), rtol=1e-5, atol=1e-6)
+
+
 def test_fused_full_kd_gives_the_teacher_no_gradient_and_skips_ignored_positions():
     labels, h, w, th, tw = full_kd_pair()
     th.requires_grad_(True)
