@@ -53,6 +53,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +71,10 @@ from logitcast.ops import KDConfig, TargetSpec, alpha_at, fused_full_kd_loss, lr
 from logitcast.ops.codec import encode
 from logitcast.ops.rowkey import draw_coordinates
 from logitcast.trainer.objective import (
-    add_student_sums,
+    add_position_sums,
     empty_sums,
     last_hidden,
+    logit_stats,
     student_loss,
     summarize,
 )
@@ -190,58 +192,86 @@ def fill_cache(backend, pool: PackedBatch, batch: int, cache: Path, fingerprint:
             "namespaces": {name: w.namespace for name, w in writers.items()}}
 
 
-def teacher_logprobs(backend, rows: PackedBatch, chunk_rows: int = 4) -> torch.Tensor:
-    """fp16 [rows*T, V] teacher log-probs of the held-out rows (computed once)."""
-    out = []
+@dataclass
+class TeacherEval:
+    """The exact teacher on the held-out positions, computed once per invocation: fp16
+    probabilities [N, V] (fp16 keeps [0, 1] to ~5e-4 relative, finer than the fp16
+    log-probs this replaced), and from the fp32 log-probs, per position, sum_v p log p
+    (fp64), the stored probabilities' sum and the argmax; plus the teacher's own metrics."""
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+    mass: torch.Tensor
+    top1: torch.Tensor
+    metrics: dict
+
+
+def teacher_reference(backend, rows: PackedBatch, chunk_rows: int = 4) -> TeacherEval:
+    n, labels = rows.input_ids.numel(), rows.labels.reshape(-1)
+    probs = torch.empty(n, backend.vocab_size, dtype=torch.float16)
+    neg_entropy, mass = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+    top1, sums, at = torch.empty(n, dtype=torch.long), empty_sums(), 0
     for s in range(0, rows.input_ids.shape[0], chunk_rows):
         h = backend.hidden_states(rows.input_ids[s:s + chunk_rows])
         h = h.reshape(-1, h.shape[-1])
-        out += [torch.log_softmax(backend.logits(h[i:i + 256]).float(), -1).half()
-                for i in range(0, h.shape[0], 256)]
-    return torch.cat(out)
+        for i in range(0, h.shape[0], 256):
+            logp = torch.log_softmax(backend.logits(h[i:i + 256]).float(), -1)
+            sl = slice(at, at + logp.shape[0])
+            p = logp.exp()
+            neg_entropy[sl] = torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).view(-1).double()
+            probs[sl] = p
+            mass[sl] = probs[sl].sum(-1, dtype=torch.float64)
+            top_logp, top1[sl] = logp.max(-1)
+            lab = labels[sl]
+            keep = lab != IGNORE
+            label_logp = logp.gather(1, torch.where(keep, lab, 0)[:, None])[:, 0]
+            add_position_sums(sums, top_logp[keep], top1[sl][keep], label_logp[keep], lab[keep])
+            sums["n_teacher"] += keep.sum()
+            sums["agree"] += keep.sum()  # KL to itself: 0
+            at = sl.stop
+    return TeacherEval(probs, neg_entropy, mass, top1, _metrics(sums))
 
 
 # ---------------------------------------------------------------------------- metrics
 
 
-class Meter:
-    """Sums over held-out positions of one model's log-probs against the exact teacher's:
-    the trainer's eval sums (`add_student_sums`, `summarize`) with the KL and top-1
-    agreement taken from the teacher's full distribution instead of sparse targets."""
-
-    def __init__(self) -> None:
-        self.sums = empty_sums()
-
-    def add(self, logq: torch.Tensor, labels: torch.Tensor, logp: torch.Tensor) -> None:
-        top1 = add_student_sums(self.sums, logq, labels)
-        self.sums["n_teacher"] += labels.numel()
-        self.sums["kl"] += (logp.exp() * (logp - logq)).sum().double()
-        self.sums["agree"] += (top1 == logp.argmax(-1)).sum()
-
-    def result(self) -> dict:
-        r = summarize(self.sums)
-        return {k: r[k] for k in ("lm_loss", "kl_to_teacher", "ece", "top1_agreement",
-                                  "accuracy", "confidence", "overconfidence")}
+def _metrics(sums: dict) -> dict:
+    r = summarize(sums)
+    return {k: r[k] for k in ("lm_loss", "kl_to_teacher", "ece", "top1_agreement",
+                              "accuracy", "confidence", "overconfidence")}
 
 
 @torch.no_grad()
-def evaluate(model, rows: PackedBatch, teacher_logp: torch.Tensor, *, limit: int | None = None,
-             chunk_rows: int = 8) -> dict:
-    """Metrics of `model` (None: the teacher itself) on the first `limit` held-out rows."""
-    meter, seq = Meter(), rows.input_ids.shape[1]
-    n_rows = rows.input_ids.shape[0] if limit is None else limit
-    for s in range(0, n_rows, chunk_rows):
-        ids = rows.input_ids[s:min(s + chunk_rows, n_rows)]
+def evaluate(model, rows: PackedBatch, teacher: TeacherEval, *, chunk_rows: int = 8,
+             chunk: int = 512) -> dict:
+    """Metrics of `model` on the held-out rows against the exact teacher: the trainer's
+    eval sums (`logit_stats`, `add_position_sums`, `summarize`) with KL(teacher || student)
+    and top-1 agreement from the teacher's full distribution. Per chunk of positions: the
+    head matmul into a reused buffer, one batched dot with the teacher's probabilities, and
+    `logit_stats`' two passes; KL = sum p log p - (p . z - lse * sum p)."""
+    sums, seq = empty_sums(), rows.input_ids.shape[1]
+    weight = model.get_output_embeddings().weight.float()
+    z_buf = torch.empty(chunk, weight.shape[0])
+    p_buf = torch.empty(chunk, weight.shape[0])
+    for s in range(0, rows.input_ids.shape[0], chunk_rows):
+        ids = rows.input_ids[s:s + chunk_rows]
         labels = rows.labels[s:s + ids.shape[0]].reshape(-1)
-        hidden = None if model is None else last_hidden(model, ids)
-        for i in range(0, labels.numel(), 512):
-            keep = labels[i:i + 512] != IGNORE
-            at = s * seq + i
-            logp = teacher_logp[at:at + keep.numel()][keep].float()
-            logq = logp if model is None else torch.log_softmax(
-                model.get_output_embeddings()(hidden[i:i + 512][keep]).float(), -1)
-            meter.add(logq, labels[i:i + 512][keep], logp)
-    return meter.result()
+        hidden = last_hidden(model, ids).float()
+        for i in range(0, labels.numel(), chunk):
+            lab = labels[i:i + chunk]
+            m, at = lab.numel(), s * seq + i
+            tsl = slice(at, at + m)
+            keep = lab != IGNORE
+            z = torch.mm(hidden[i:i + m], weight.T, out=z_buf[:m])
+            p = p_buf[:m].copy_(teacher.probs[tsl])
+            dot = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(m).double()
+            top_logp, top1, label_logp, lse = logit_stats(z, torch.where(keep, lab, 0))
+            add_position_sums(sums, top_logp[keep], top1[keep], label_logp[keep], lab[keep])
+            kl = teacher.neg_entropy[tsl] - (dot - lse.double() * teacher.mass[tsl])
+            sums["n_teacher"] += keep.sum()
+            sums["kl"] += kl[keep].sum()
+            sums["agree"] += (top1 == teacher.top1[tsl])[keep].sum()
+    return _metrics(sums)
 
 
 def paired(runs: dict, name: str, metric: str, ref: str = REFERENCE) -> dict | None:
@@ -338,7 +368,7 @@ def schedules(name: str, spec_name: str | None, steps: int, args):
     return constant_alpha, cosine_lr
 
 
-def train_student(name: str, seed: int, args, base, pool, heldout, teacher_logp, backend,
+def train_student(name: str, seed: int, args, base, pool, heldout, teacher, backend,
                   filled, sources) -> dict:
     spec_name, kd = STUDENTS[name]
     started = time.perf_counter()
@@ -377,7 +407,7 @@ def train_student(name: str, seed: int, args, base, pool, heldout, teacher_logp,
         seconds += time.perf_counter() - t0
         train_lm.append(float(parts["lm"]))
     student.eval()
-    final = evaluate(student, heldout, teacher_logp)
+    final = evaluate(student, heldout, teacher)
     tok_s = steps * batch * args.seq_len / seconds
     print(f"  {name:>10} seed {seed}: held-out LM {final['lm_loss']:.4f}, KL "
           f"{final['kl_to_teacher']:.4f}, ECE {final['ece']:.4f}, top-1 "
@@ -528,15 +558,15 @@ def train_all(args, config: dict, setup: dict | None, todo: list, done: dict, pr
               f"{args.steps} steps x {args.batch * args.seq_len} tokens per student; "
               f"student {student_meta}; {len(todo)} runs to go", flush=True)
         filled = fill_cache(backend, pool, args.batch, work / "cache", fingerprint)
-        teacher_logp = teacher_logprobs(backend, held)
+        teacher = teacher_reference(backend, held)
         if setup is None:
             base.eval()
             meta = {"teacher": backend.teacher_id, "steps": args.steps,
                     "student": student_meta, "tokens_per_step": args.batch * args.seq_len,
                     "seq_len": args.seq_len, "heldout_rows": rows,
                     "corpus": args.corpus or "python stdlib source", "alpha": args.alpha,
-                    "peak_lr": args.lr, "teacher_metrics": evaluate(None, held, teacher_logp),
-                    "start_metrics": evaluate(base, held, teacher_logp),
+                    "peak_lr": args.lr, "teacher_metrics": teacher.metrics,
+                    "start_metrics": evaluate(base, held, teacher),
                     "cache_fill_seconds": filled["seconds"]}
             base.train()
             setup = {"kind": "setup", "config": config, "meta": meta}
@@ -548,7 +578,7 @@ def train_all(args, config: dict, setup: dict | None, todo: list, done: dict, pr
                    for name, ns in filled["namespaces"].items()}
         try:
             for name, seed in todo:
-                r = train_student(name, seed, args, base, pool, held, teacher_logp, backend,
+                r = train_student(name, seed, args, base, pool, held, teacher, backend,
                                   filled, sources)
                 append(progress, r)
                 done[(name, seed)] = r

@@ -121,19 +121,39 @@ def add_student_sums(out: dict[str, torch.Tensor], logp: torch.Tensor,
                      labels: torch.Tensor) -> torch.Tensor:
     """Add one chunk's student-only sums into `out` (n, nll, correct, conf and the ECE
     bins) from its log-probs logp [n, V] at labels [n] (every one counted); returns the
-    student's top-1 ids [n]. Shared by `evaluate_batch` and the quality benchmark."""
-    conf, top1 = logp.max(dim=-1)
-    conf = conf.exp().double()
+    student's top-1 ids [n]."""
+    top_logp, top1 = logp.max(dim=-1)
+    add_position_sums(out, top_logp, top1, logp.gather(1, labels[:, None])[:, 0], labels)
+    return top1
+
+
+def logit_stats(z: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top-1 log-prob, top-1 id, label log-prob, logsumexp), each [n], from fp32 logits
+    z [n, V] at labels [n] (valid ids), without forming the [n, V] log-probs: one max pass
+    and one in-place exp pass. z is consumed: it is left holding exp(z - max z)."""
+    top, top1 = z.max(dim=1)
+    z_label = z.gather(1, labels[:, None])[:, 0]
+    log_sum = z.sub_(top[:, None]).exp_().sum(dim=1).log()
+    return -log_sum, top1, (z_label - top) - log_sum, top + log_sum
+
+
+def add_position_sums(out: dict[str, torch.Tensor], top_logp: torch.Tensor,
+                      top1: torch.Tensor, label_logp: torch.Tensor,
+                      labels: torch.Tensor) -> None:
+    """Add the student-only sums of counted positions into `out` from their top-1
+    log-prob, top-1 id and label log-prob (each [n]). Shared by `evaluate_batch` and the
+    quality benchmark (which takes them from `logit_stats`)."""
+    conf = top_logp.exp().double()
     right = top1 == labels
     out["n"] += labels.numel()
-    out["nll"] -= logp.gather(1, labels[:, None]).sum().double()
+    out["nll"] -= label_logp.sum().double()
     out["correct"] += right.sum()
     out["conf"] += conf.sum()
     b = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
     out["bin_n"] += torch.bincount(b, minlength=ECE_BINS).double()
     out["bin_conf"] += torch.bincount(b, weights=conf, minlength=ECE_BINS)
     out["bin_correct"] += torch.bincount(b, weights=right.double(), minlength=ECE_BINS)
-    return top1
 
 
 @torch.no_grad()
@@ -158,15 +178,18 @@ def evaluate_batch(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
         keep = lab != IGNORE
         if not keep.any():
             continue
-        logp = torch.log_softmax(head(hidden[s:s + chunk_size][keep]).float(), dim=-1)
-        top1 = add_student_sums(out, logp, lab[keep])
+        z = head(hidden[s:s + chunk_size][keep]).float()
+        if targets is not None:
+            t = targets[s:s + chunk_size]
+            idx = keep.nonzero().squeeze(1)
+            ids, w = t.ids[idx].long(), t.weights[idx].float()
+            z_ids = z.gather(1, ids.clamp(min=0))  # before logit_stats consumes z
+        top_logp, top1, label_logp, lse = logit_stats(z, lab[keep])
+        add_position_sums(out, top_logp, top1, label_logp, lab[keep])
         if targets is None:
             continue
-        t = targets[s:s + chunk_size]
-        idx = keep.nonzero().squeeze(1)
-        ids, w = t.ids[idx].long(), t.weights[idx].float()
         live = torch.arange(ids.shape[1], device=ids.device)[None] < t.num_entries[idx, None]
-        cross = -(torch.where(live, w * logp.gather(1, ids.clamp(min=0)), 0.0)).sum(dim=1)
+        cross = -(torch.where(live, w * (z_ids - lse[:, None]), 0.0)).sum(dim=1)
         has_h = torch.isfinite(t.entropy[idx]) if t.entropy is not None else None
         if has_h is not None and has_h.all():
             out["kl"] += (cross - t.entropy[idx].float()).sum().double()

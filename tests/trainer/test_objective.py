@@ -7,8 +7,12 @@ from logitcast.data.packing import IGNORE
 from logitcast.ops import KDConfig, TargetSpec, row_positions, sparsify
 from logitcast.trainer.objective import (
     ECE_BINS,
+    add_position_sums,
+    add_student_sums,
     document_attention,
+    empty_sums,
     evaluate_batch,
+    logit_stats,
     student_loss,
     summarize,
 )
@@ -32,6 +36,27 @@ def _targets(logits, spec, labels):
     keys, pos = row_positions(torch.tensor([11, 22]), T)
     return sparsify(logits.reshape(-1, V), spec, row_keys=keys, positions=pos,
                     labels=labels.reshape(-1))
+
+
+def test_logit_stats_match_log_softmax_and_give_the_same_sums():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(37, V, generator=g) * 8.0
+    z[0] += 1e4  # a large offset: the max shift must keep it finite
+    z[1, 5] = 60.0  # one token carrying ~all the mass
+    labels = torch.randint(0, V, (37,), generator=g)
+    logp = torch.log_softmax(z, dim=-1)
+    top_logp, top1, label_logp, lse = logit_stats(z.clone(), labels)
+    assert torch.equal(top1, logp.argmax(-1))
+    torch.testing.assert_close(top_logp, logp.max(-1).values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(label_logp, logp.gather(1, labels[:, None])[:, 0], rtol=0,
+                               atol=1e-4)
+    torch.testing.assert_close(lse, torch.logsumexp(z, -1))
+    a, b = empty_sums(), empty_sums()
+    add_student_sums(a, logp, labels)
+    add_position_sums(b, top_logp, top1, label_logp, labels)
+    sa, sb = summarize(a), summarize(b)
+    for key in ("lm_loss", "accuracy", "confidence", "ece"):
+        assert sa[key] == pytest.approx(sb[key], abs=1e-5), key
 
 
 def test_presets_include_pd_table7_and_a_16m_cpu_student():
