@@ -10,10 +10,12 @@ One run, one student, the same packed rows, four ways (DeepSpeed, fused loss):
     teacher: every step's RS-12 targets sparsified from its own last hidden state
     and written to a cache by a background thread;
 (e) full run only: what recording is for, SmolLM2-135M itself training on CE
-    (from the embedded teacher's weights), without and with recording.
+    (from the embedded teacher's weights), without and with recording, four runs in
+    ABBA order (CE, record, record, CE) so a drift of the shared machine cancels.
 Reports trained tokens/s of each (steady state: the first steps are warm-up)
-and their ratios. record_vs_ce is (e)'s recording step time / its CE step time
-(goal <= 1.05); record_vs_ce_student is the same for the small student of (c)/(d),
+and their ratios. record_vs_ce is (e)'s mean recording step time / its mean CE step
+time over all steady steps of the four runs (goal <= 1.05; the per-pair ratios and the
+ratio of median steps are in the results); record_vs_ce_student is the same for the small student of (c)/(d),
 the worst case: a 16M model spends most of its step in the [V x d] head, and
 sparsifying 49,152 logits per position costs about as much again. The seconds
 `close` then spends writing what was still queued are reported beside it. On this
@@ -44,8 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import random_corpus, write_results
 
 WARMUP_STEPS = 2
-#: steps of the SmolLM2-135M CE / recording pair (full run only)
-TEACHER_STEPS = 10
+#: steps of each SmolLM2-135M CE / recording run (full run only), and the order of the
+#: runs: ABBA, so a drift of the machine's speed over the runs cancels in the ratio
+TEACHER_STEPS = 8
+TEACHER_ORDER = ("ce", "record", "record", "ce")
 
 
 def corpus(directory: Path, quick: bool) -> tuple[str, int]:
@@ -82,6 +86,7 @@ def train(name: str, base: dict, overrides: dict) -> dict:
     steady = steps[WARMUP_STEPS:]
     seconds = sum(tokens / r["tokens_per_s"] for r in steady)
     out = {"tokens_per_s": tokens * len(steady) / seconds, "steps": len(steps),
+           "step_seconds": [tokens / r["tokens_per_s"] for r in steady],
            "wait_seconds": wait, "bytes_per_token": received / (tokens * len(steps)),
            "final_loss": steps[-1]["loss"], "losses": [r["loss"] for r in steps],
            "close_seconds": close_seconds}
@@ -91,6 +96,25 @@ def train(name: str, base: dict, overrides: dict) -> dict:
     print(f"{name:>8}: {out['tokens_per_s']:.0f} tok/s, waited {wait:.2f}s on targets, "
           f"final loss {out['final_loss']:.3f}", flush=True)
     return out
+
+
+def recording_cost(runs: list[dict]) -> dict:
+    """record_vs_ce from the ABBA runs: all recording steady steps' seconds over all CE
+    ones (pooled), the same per adjacent CE/record pair, and the ratio of median steps."""
+    import statistics
+
+    steps = {k: [t for r in runs if r["kind"] == k for t in r["step_seconds"]]
+             for k in ("ce", "record")}
+    pairs = [runs[i:i + 2] for i in range(0, len(runs) - 1, 2)]
+    by_kind = [{r["kind"]: sum(r["step_seconds"]) / len(r["step_seconds"]) for r in pair}
+               for pair in pairs]
+    return {"record_vs_ce": (sum(steps["record"]) / len(steps["record"]))
+            / (sum(steps["ce"]) / len(steps["ce"])),
+            "pair_ratios": [b["record"] / b["ce"] for b in by_kind],
+            "median_step_ratio": statistics.median(steps["record"])
+            / statistics.median(steps["ce"]),
+            "steady_steps": {k: len(v) for k, v in steps.items()},
+            "losses_identical": len({tuple(r["losses"]) for r in runs}) == 1}
 
 
 def main() -> None:
@@ -142,10 +166,12 @@ def main() -> None:
 
             big_base = {**base, "steps": TEACHER_STEPS, "teacher.source": "none",
                         "student.path": str(default_cache_dir())}
-            big = {"ce": train("ce 135m", big_base, {"output_dir": str(work / "ce_big")}),
-                   "record": train("rec 135m", big_base, {
-                       "output_dir": str(work / "record_big"),
-                       "record.cache_dir": str(work / "record_big_cache")})}
+            big = {"runs": []}
+            for i, kind in enumerate(TEACHER_ORDER):
+                extra = {"output_dir": str(work / f"{kind}_big_{i}")}
+                if kind == "record":
+                    extra["record.cache_dir"] = str(work / f"record_big_cache_{i}")
+                big["runs"].append({"kind": kind, **train(f"{kind} 135m", big_base, extra)})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     same = online["losses"] == offline["losses"]
@@ -154,7 +180,8 @@ def main() -> None:
               "online_vs_offline": online["tokens_per_s"] / offline["tokens_per_s"],
               "record_vs_ce_student": ce["tokens_per_s"] / record["tokens_per_s"]}
     if big is not None:
-        ratios["record_vs_ce"] = big["ce"]["tokens_per_s"] / big["record"]["tokens_per_s"]
+        big.update(recording_cost(big["runs"]))
+        ratios["record_vs_ce"] = big["record_vs_ce"]
     same_ce = ce["losses"] == record["losses"]
     print(f"online and offline losses identical: {same}; CE and recording losses identical: "
           f"{same_ce}")
@@ -163,8 +190,10 @@ def main() -> None:
           f"{preset} student, {record['close_seconds']:.2f}s writing the queue's rest at close")
     if big is not None:
         print(f"recording while SmolLM2-135M itself trains: step time "
-              f"x{ratios['record_vs_ce']:.3f} of CE (goal <= 1.05); CE and recording losses "
-              f"identical: {big['ce']['losses'] == big['record']['losses']}")
+              f"x{ratios['record_vs_ce']:.3f} of CE (goal <= 1.05; per ABBA pair "
+              f"{', '.join(f'{r:.3f}' for r in big['pair_ratios'])}; median step "
+              f"x{big['median_step_ratio']:.3f}); CE and recording losses identical: "
+              f"{big['losses_identical']}")
     path = write_results("trainer", {
         "config": {"quick": q, "steps": steps, "seq_len": seq_len, "global_batch": batch,
                    "student": preset, "vocab": vocab, "teacher": "tiny" if q else "default",
