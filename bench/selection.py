@@ -18,8 +18,8 @@ steps x batch x seq_len. Held-out LM loss (next-token CE on rows from the last
 documents, held out) is compared paired by seed: diff - uniform and diff - teacher, 95 % t
 intervals (scipy). Throughput: the teacher's Score RPC on loopback vs a bare teacher forward (the same
 log-prob sums, `ModelScorer`) on the same first 192 candidate rows, prepared once,
-both warm (score_vs_bare; their sums are checked against each other and the select
-pass), and the whole select pass's teacher side, which also reads and packs its
+both warm, interleaved in four blocks in ABBA order (score_vs_bare, with each block's
+ratio; their sums are checked against each other and the select pass), and the whole select pass's teacher side, which also reads and packs its
 rows and logs the scores as it goes (select_vs_bare). The full run: 3 seeds,
 60 steps x 2 x 256 tokens per student, ~500k characters of stdlib source (~35 min on
 2 cores).
@@ -212,13 +212,25 @@ def main() -> None:
             same = [np.stack([instances.tokens(i) for i in sub[s:s + per]])
                     for s in range(0, sub.size, per)]
             # like for like: the RPC and the bare forward on the same prepared batches,
-            # both warm (the select pass above also reads and packs its rows as it goes)
+            # both warm (the select pass above also reads and packs its rows as it goes),
+            # interleaved block by block in ABBA order so a drift of the shared machine's
+            # speed falls on both alike
             rpc_same = Timed(rpc)
-            rpc_sums = np.concatenate(list(rpc_same.score_batches(same)))
+            bare = Timed(ModelScorer(backend.model, name="bare",
+                                     tokenizer_fingerprint=backend.tokenizer_fingerprint))
+            list(bare.inner.score_batches(same[:1]))  # warm-up, not timed
+            n_blocks = min(4, len(same))
+            edges = np.linspace(0, len(same), n_blocks + 1).round().astype(int)
+            rpc_parts, bare_parts, block_ratios = [], [], []
+            for j in range(n_blocks):
+                part = same[edges[j]:edges[j + 1]]
+                before = (rpc_same.seconds, bare.seconds)
+                for who in ((rpc_same, bare) if j % 2 == 0 else (bare, rpc_same)):
+                    sums = np.concatenate(list(who.score_batches(part)))
+                    (rpc_parts if who is rpc_same else bare_parts).append(sums)
+                block_ratios.append((bare.seconds - before[1]) / (rpc_same.seconds - before[0]))
+            rpc_sums, bare_sums = np.concatenate(rpc_parts), np.concatenate(bare_parts)
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(120)
-        bare = Timed(ModelScorer(backend.model, name="bare",
-                                 tokenizer_fingerprint=backend.tokenizer_fingerprint))
-        bare_sums = np.concatenate(list(bare.score_batches(same)))
         agree = float(max(np.abs(bare_sums / (seq - 1) - scores.teacher[sub]).max(),
                           np.abs(rpc_sums - bare_sums).max() / (seq - 1)))
         select_tok_s = timed.tokens / timed.seconds
@@ -226,8 +238,8 @@ def main() -> None:
         print(f"scoring: Score RPC {rpc_tok_s:.0f} tok/s, bare forward {bare_tok_s:.0f} tok/s "
               f"on the same {len(sub)} rows (x{rpc_tok_s / bare_tok_s:.3f}); the whole select "
               f"pass (reading and packing rows, logging scores) {select_tok_s:.0f} tok/s "
-              f"(x{select_tok_s / bare_tok_s:.3f}); max |per-token difference| {agree:.2e}",
-              flush=True)
+              f"(x{select_tok_s / bare_tok_s:.3f}); max |per-token difference| {agree:.2e}; "
+              f"per ABBA block x{', '.join(f'{r:.3f}' for r in block_ratios)}", flush=True)
 
         # three corpora of the same size, as logitcast select writes them
         kept = top_fraction(scores, args.ratio)
@@ -270,7 +282,8 @@ def main() -> None:
                    "kept": int(kept.size), "train_tokens": train.num_tokens,
                    "wall_s": time.perf_counter() - t_start},
         "scoring": {"rpc_tok_s": rpc_tok_s, "bare_tok_s": bare_tok_s,
-                    "score_vs_bare": rpc_tok_s / bare_tok_s, "select_tok_s": select_tok_s,
+                    "score_vs_bare": rpc_tok_s / bare_tok_s, "block_ratios": block_ratios,
+                    "select_tok_s": select_tok_s,
                     "select_vs_bare": select_tok_s / bare_tok_s, "rows": int(len(sub)),
                     "max_abs_diff_per_token": agree},
         "reference_train_lm": ref_curve, "start_lm_loss": start_loss,
