@@ -19,8 +19,9 @@ documents, held out) is compared paired by seed: diff - uniform and diff - teach
 intervals (scipy). Throughput: the teacher's Score RPC on loopback vs a bare teacher forward (the same
 log-prob sums, `ModelScorer`) on the same first 192 candidate rows, prepared once,
 both warm, interleaved in four blocks in ABBA order (score_vs_bare, with each block's
-ratio; their sums are checked against each other and the select pass), and the whole select pass's teacher side, which also reads and packs its
-rows and logs the scores as it goes (select_vs_bare). The full run: 3 seeds,
+ratio; their sums are checked against each other and the select pass), and the whole
+select pass's teacher side, which also reads and packs its rows and logs the scores as
+it goes (select_vs_bare). The full run: 3 seeds,
 60 steps x 2 x 256 tokens per student, ~500k characters of stdlib source (~35 min on
 2 cores).
 

@@ -117,16 +117,6 @@ def empty_sums() -> dict[str, torch.Tensor]:
     return out
 
 
-def add_student_sums(out: dict[str, torch.Tensor], logp: torch.Tensor,
-                     labels: torch.Tensor) -> torch.Tensor:
-    """Add one chunk's student-only sums into `out` (n, nll, correct, conf and the ECE
-    bins) from its log-probs logp [n, V] at labels [n] (every one counted); returns the
-    student's top-1 ids [n]."""
-    top_logp, top1 = logp.max(dim=-1)
-    add_position_sums(out, top_logp, top1, logp.gather(1, labels[:, None])[:, 0], labels)
-    return top1
-
-
 def logit_stats(z: torch.Tensor, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(top-1 log-prob, top-1 id, label log-prob, logsumexp), each [n], from fp32 logits

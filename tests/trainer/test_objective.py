@@ -8,7 +8,6 @@ from logitcast.ops import KDConfig, TargetSpec, row_positions, sparsify
 from logitcast.trainer.objective import (
     ECE_BINS,
     add_position_sums,
-    add_student_sums,
     document_attention,
     empty_sums,
     evaluate_batch,
@@ -52,7 +51,8 @@ def test_logit_stats_match_log_softmax_and_give_the_same_sums():
                                atol=1e-4)
     torch.testing.assert_close(lse, torch.logsumexp(z, -1))
     a, b = empty_sums(), empty_sums()
-    add_student_sums(a, logp, labels)
+    ref_top, ref_top1 = logp.max(-1)  # the sums from full log-probs, as before logit_stats
+    add_position_sums(a, ref_top, ref_top1, logp.gather(1, labels[:, None])[:, 0], labels)
     add_position_sums(b, top_logp, top1, label_logp, labels)
     sa, sb = summarize(a), summarize(b)
     for key in ("lm_loss", "accuracy", "confidence", "ece"):
