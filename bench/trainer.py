@@ -16,8 +16,8 @@ Reports trained tokens/s of each (steady state: the first steps are warm-up)
 and their ratios. record_vs_ce is (e)'s mean recording step time / its mean CE step
 time over all steady steps of the four runs (goal <= 1.05; the per-pair ratios and the
 ratio of median steps are in the results); record_vs_ce_student is the same for the
-small student of (c)/(d), the worst case: a 16M model spends most of its step in the [V x d] head, and
-sparsifying 49,152 logits per position costs about as much again. The seconds
+small student of (c)/(d), the worst case: a 16M model spends most of its step in the
+[V x d] head, and sparsifying 49,152 logits per position costs about as much again. The seconds
 `close` then spends writing what was still queued are reported beside it. On this
 2-core machine the online teacher shares the CPU with the student, so online_vs_ce
 mostly measures that contention; on a GPU cluster the teacher runs on its own
